@@ -1,0 +1,303 @@
+"""Typed experiment configs: dataclasses with a default and a docstring per field, loaded from YAML.
+
+    cfg = load_config("configs/pretrain_gta5.yaml", overrides=["train.max_steps=100", "data.batch_size=4"])
+
+Only science lives here (data, model, optimisation, LoRA). Hardware (processes, mixed precision, DeepSpeed) lives
+in the Accelerate launch YAML under `launch/`. Unknown keys and bad values raise a SegdaError that names the key
+and says what is allowed; `reference_markdown()` renders every field for the README so the docs cannot drift.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from segda.log import SegdaError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training data: a manifest (`shards/gta5/train-manifest.json`, http(s)://, s3://) or a shard URL pattern."""
+    val: str = ""
+    """Validation data for in-run evaluation (same forms as `train`); empty disables it."""
+    batch_size: int = 8
+    """Samples per batch on each process (data-parallel rank)."""
+    workers: int = 4
+    """Loader worker processes per rank; shards are split by rank, then by worker."""
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    """Training crop [height, width]; smaller frames are padded (label 255)."""
+    base_size: list[int] = field(default_factory=lambda: [1280, 720])
+    """[width, height] the random rescale is relative to (mmseg: 1280x720 for GTA5, 2048x1024 for Cityscapes)."""
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    """Random rescale factor range applied to `base_size` (keeping the frame's aspect ratio)."""
+    cat_max_ratio: float = 0.75
+    """mmseg's rule: retry a crop (up to 10 times) while one class covers more than this share; 1.0 disables."""
+    flip: bool = True
+    """Random horizontal flip."""
+    photometric: bool = True
+    """Random brightness, contrast, saturation and hue (mmseg's PhotoMetricDistortion)."""
+    shuffle_buffer: int = 64
+    """Samples held per worker for shuffling (raw bytes, before decoding)."""
+    eval_size: list[int] = field(default_factory=lambda: [1024, 512])
+    """[width, height] frames are resized to for whole-image evaluation; logits go back to label size."""
+    verify: bool = False
+    """Check each shard's sha256 against the manifest before using it."""
+    strict: bool = False
+    """Raise on a corrupt shard or sample instead of skipping it with a warning."""
+    allow_pipe: bool = False
+    """Allow `pipe:` URLs, which run shell commands. Only for URLs you trust."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "nvidia/mit-b0"
+    """Hub id or local folder of the model to start from; for `adapt`, the pretrained base model. Empty: random init."""
+    config: dict = field(default_factory=dict)
+    """SegformerConfig overrides for random init (empty = MiT-b0 shape), e.g. {hidden_sizes: [16, 32, 64, 128]}."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    """Peak learning rate of AdamW (SegFormer recipe)."""
+    head_lr_mult: float = 10.0
+    """Learning-rate multiplier for the decode head (SegFormer recipe: 10)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay; never applied to norms, biases or position embeddings."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    warmup_steps: int = 1500
+    """Linear warmup steps before the poly decay."""
+    poly_power: float = 1.0
+    """Power of the polynomial decay from the peak to zero at `train.max_steps`."""
+    clip_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 40000
+    """Optimizer steps to train for (step-based, as the SegFormer recipe)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the effective batch is batch_size x processes x grad_accum."""
+    checkpoint_every: int = 2000
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    eval_every: int = 4000
+    """Evaluate on `data.val` every N steps (0: only at the end, if `data.val` is set)."""
+    eval_max_samples: int = 0
+    """Evaluate on at most this many validation samples per evaluation (0: all)."""
+    log_every: int = 50
+    """Write a metrics line every N steps."""
+    seed: int = 0
+    """Seed for model init (same on every rank) and data order; augmentation adds the rank."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
+    """Encoder linear layers that get LoRA (transformers 5 names: q_proj, k_proj, v_proj, o_proj, fc1, fc2)."""
+    head: str = "classifier+norm"
+    """What trains in the decode head: none | classifier | classifier+norm | lora | full."""
+
+
+HEAD_MODES = ("none", "classifier", "classifier+norm", "lora", "full")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML recipe (or the defaults), apply `a.b=c` overrides, validate, and return the Config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SegdaError(f"config file {path} does not exist (see configs/ for recipes)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise SegdaError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise SegdaError(f"{path} must hold a mapping of sections (data:, model:, ...)")
+    cfg = _build(Config, raw, prefix="", source=str(path or "defaults"))
+    for item in overrides:
+        _apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def _build(cls, raw: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise SegdaError(f"{source}: unknown config key {dotted!r}{_suggest(key, names, prefix)}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise SegdaError(f"{source}: {dotted!r} must be a mapping of its fields")
+            kwargs[key] = _build(hints[key], value, dotted + ".", source)
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted, source)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+    return f"{hint} (allowed: {', '.join(prefix + n for n in names)})"
+
+
+def _coerce(value, hint, dotted: str, source: str):
+    origin = typing.get_origin(hint) or hint
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, list),
+        dict: isinstance(value, dict),
+    }.get(origin, True)
+    if origin is str and value is None:
+        return ""
+    if not ok:
+        raise SegdaError(f"{source}: {dotted} must be {_type_name(hint)}, got {value!r}")
+    if origin is float:
+        return float(value)
+    if origin is list:
+        (item_type,) = typing.get_args(hint) or (object,)
+        for item in value:
+            if item_type is float and isinstance(item, (int, float)) and not isinstance(item, bool):
+                continue
+            if item_type is not object and not isinstance(item, item_type):
+                raise SegdaError(f"{source}: {dotted} must be {_type_name(hint)}, got {value!r}")
+        return [float(v) for v in value] if item_type is float else list(value)
+    return value
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+def _apply_override(cfg: Config, item: str) -> None:
+    if "=" not in item:
+        raise SegdaError(f"--set {item!r}: expected dotted.key=value, e.g. train.max_steps=1000")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    target = cfg
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        prefix = ".".join(parts[:depth]) + ("." if depth else "")
+        if part not in names:
+            raise SegdaError(f"--set: unknown config key {dotted!r}{_suggest(part, names, prefix)}")
+        if depth == len(parts) - 1:
+            hint = typing.get_type_hints(type(target))[part]
+            if dataclasses.is_dataclass(hint):
+                raise SegdaError(f"--set: {dotted!r} is a section; set one of its fields, e.g. {dotted}.<field>=...")
+            value = _parse_value(text, hint)
+            setattr(target, part, _coerce(value, hint, dotted, "--set"))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise SegdaError(f"--set: {'.'.join(parts[:depth + 1])!r} is not a section")
+
+
+def _parse_value(text: str, hint):
+    if hint is str:
+        return text  # a path like 007 or true stays a string
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+
+def validate(cfg: Config) -> None:
+    d, t, o, lo = cfg.data, cfg.train, cfg.optim, cfg.lora
+    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
+    _check(d.workers >= 0, "data.workers", "must be 0 (load in the main process) or more")
+    _check(len(d.crop_size) == 2 and min(d.crop_size) >= 8, "data.crop_size", "must be [height, width], each >= 8")
+    _check(len(d.base_size) == 2 and min(d.base_size) >= 8, "data.base_size", "must be [width, height], each >= 8")
+    _check(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range",
+           "must be [low, high] with 0 < low <= high")
+    _check(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
+    _check(len(d.eval_size) == 2 and min(d.eval_size) >= 8, "data.eval_size", "must be [width, height]")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
+    _check(o.lr > 0, "optim.lr", "must be positive")
+    _check(o.head_lr_mult > 0, "optim.head_lr_mult", "must be positive")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables clipping)")
+    _check(t.max_steps >= 1, "train.max_steps", "must be at least 1")
+    _check(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    for key in ("checkpoint_every", "eval_every", "eval_max_samples"):
+        _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    _check(t.log_every >= 1, "train.log_every", "must be at least 1")
+    _check(lo.r >= 1, "lora.r", "must be at least 1")
+    _check(lo.alpha > 0, "lora.alpha", "must be positive")
+    _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    _check(lo.head in HEAD_MODES, "lora.head", f"must be one of {', '.join(HEAD_MODES)} (got {lo.head!r})")
+
+
+def _check(ok: bool, key: str, rule: str) -> None:
+    if not ok:
+        raise SegdaError(f"config key {key} {rule}")
+
+
+def reference_markdown() -> str:
+    """Every config field as Markdown tables: the README's configuration reference is generated from this."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"### `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            hint = _type_name(typing.get_type_hints(cls)[f.name])
+            lines.append(f"| `{section.name}.{f.name}` | {hint} | `{default!r}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Read the docstring under each field from the class source (dataclasses keep no field docs)."""
+    tree = ast.parse(inspect.getsource(cls).lstrip())
+    docs, last = {}, None
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            last = node.target.id
+        elif last and isinstance(node, ast.Expr) and isinstance(getattr(node, "value", None), ast.Constant):
+            docs[last] = " ".join(str(node.value.value).split())
+            last = None
+    return docs
