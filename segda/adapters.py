@@ -1,0 +1,132 @@
+"""LoRA adapters with peft: attach, save only the adapter (safetensors), load with checks, merge.
+
+An adapter folder holds `adapter_model.safetensors` + `adapter_config.json` (plain peft can load it:
+`PeftModel.from_pretrained(SegformerForSemanticSegmentation.from_pretrained(BASE), ADAPTER)`), a `segda.json`
+with the base model's fingerprint, the class list and the training config, and a short model-card README.
+
+The decode head has BatchNorm: when the head adapts, its BatchNorm is saved with the adapter (running statistics
+included), otherwise it is kept in eval mode while training so its statistics cannot drift unsaved.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+
+from segda import atomic
+from segda.classes import CLASS_NAMES, NUM_CLASSES
+from segda.config import LoraConfig
+from segda.log import SegdaError
+from segda.model import build_model, fingerprint
+
+METADATA = "segda.json"
+WEIGHTS = "adapter_model.safetensors"
+
+_HEAD_SAVED = {
+    "none": [],
+    "classifier": ["classifier"],
+    "classifier+norm": ["classifier", "batch_norm"],
+    "lora": ["batch_norm"],
+    "full": ["decode_head"],
+}
+_HEAD_LORA = r"decode_head\.(linear_fuse|classifier|linear_projections\.\d+\.proj)"
+
+
+def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
+    encoder = "|".join(cfg.target_modules)
+    # A regex so encoder targets never hit same-named layers in the head (and head LoRA is opt-in).
+    targets = rf".*\.({encoder})" + (rf"|{_HEAD_LORA}" if cfg.head == "lora" else "")
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                          modules_to_save=_HEAD_SAVED[cfg.head] or None, bias="none")
+
+
+def attach_lora(model, cfg: LoraConfig) -> PeftModel:
+    """Freeze `model`, add LoRA to the configured layers, and unfreeze the configured head parts."""
+    peft_model = get_peft_model(model, peft_config(cfg))
+    matched = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    if not matched:
+        raise SegdaError(f"lora.target_modules {cfg.target_modules} match no layer of the model; transformers 5 "
+                         "SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2")
+    return peft_model
+
+
+def freeze_untrained_norms(model) -> None:
+    """BatchNorm layers that are not trained stay in eval mode: their running stats must not drift unsaved."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+
+def save_adapter(model: PeftModel, out_dir: str | Path, *, base: str, base_fingerprint: str, config: dict,
+                 metrics: dict | None = None) -> Path:
+    """Write the adapter folder atomically; only the adapter tensors go in (never the frozen base)."""
+    model = getattr(model, "module", model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meta = {"base_model": base, "base_fingerprint": base_fingerprint, "num_classes": NUM_CLASSES,
+            "class_names": list(CLASS_NAMES), "trainable_parameters": trainable, "config": config,
+            "metrics": metrics or {}}
+    with atomic.atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(meta, tmp))
+    return Path(out_dir)
+
+
+def _model_card(meta: dict, folder: Path) -> str:
+    size = (folder / WEIGHTS).stat().st_size
+    lines = ["---", "library_name: peft", f"base_model: {meta['base_model']}", "tags: [segda, segformer, lora, "
+             "semantic-segmentation]", "---", "", "# segda LoRA adapter", "",
+             f"- base model: `{meta['base_model']}` (fingerprint `{meta['base_fingerprint'][:16]}`)",
+             f"- trainable parameters: {meta['trainable_parameters']:,}", f"- adapter file: {size / 1e6:.2f} MB",
+             f"- classes: {meta['num_classes']} (Cityscapes train ids)", ""]
+    if meta["metrics"]:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in meta["metrics"].items()]
+        lines.append("")
+    lines += ["## Load", "", "```python", "from peft import PeftModel",
+              "from transformers import SegformerForSemanticSegmentation",
+              f"base = SegformerForSemanticSegmentation.from_pretrained({meta['base_model']!r})",
+              "model = PeftModel.from_pretrained(base, ADAPTER_DIR)", "```", ""]
+    return "\n".join(lines)
+
+
+def read_metadata(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / METADATA
+    if not (Path(adapter_dir) / WEIGHTS).is_file():
+        raise SegdaError(f"{adapter_dir} is not an adapter folder: {WEIGHTS} is missing")
+    if not path.is_file():
+        raise SegdaError(f"{path} is missing: was {adapter_dir} written by `segda adapt`? (--base names the base)")
+    return json.loads(path.read_text())
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base_mismatch: bool = False):
+    """Base model + adapter, with the checks that keep an adapter from silently running on the wrong base."""
+    meta = read_metadata(adapter_dir)
+    base_path = base or meta.get("base_model")
+    if not base_path:
+        raise SegdaError(f"{adapter_dir}: no base model recorded; pass --base")
+    if meta.get("num_classes", NUM_CLASSES) != NUM_CLASSES:
+        raise SegdaError(f"{adapter_dir} was trained for {meta['num_classes']} classes, segda scores "
+                         f"{NUM_CLASSES}: it cannot be evaluated with this class set")
+    model = build_model(str(base_path))
+    found = fingerprint(model)
+    if found != meta.get("base_fingerprint") and not allow_base_mismatch:
+        raise SegdaError(f"adapter {adapter_dir} was trained on a base with fingerprint "
+                         f"{str(meta.get('base_fingerprint'))[:16]}, but {base_path} has {found[:16]}: "
+                         "use the adapter's own base, or pass --allow-base-mismatch if you know better")
+    # peft reads adapter_model.safetensors (safetensors only: there is no .bin in a segda adapter).
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+
+
+def merge(adapted: PeftModel):
+    """Fold the LoRA weights into the base and return a plain transformers model."""
+    return adapted.merge_and_unload()

@@ -1,0 +1,84 @@
+"""Name a dataset by its manifest or by a shard URL pattern; get its shards, their sample counts and hashes.
+
+    ds = resolve_dataset("s3://bucket/gta5/train-manifest.json")
+    ds = resolve_dataset("https://host/gta5/train-{000000..000023}.tar")   # counts unknown until counted
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from segda.data.sources import expand_urls, join_url, open_url, read_bytes
+from segda.log import SegdaError, info
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    num_samples: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class Dataset:
+    spec: str
+    shards: list[Shard]
+    manifest: dict | None = field(default=None, repr=False)
+
+    @property
+    def counts_known(self) -> bool:
+        return all(s.num_samples is not None for s in self.shards)
+
+    @property
+    def num_samples(self) -> int | None:
+        return sum(s.num_samples for s in self.shards) if self.counts_known else None
+
+
+def resolve_dataset(spec: str, *, allow_pipe: bool = False) -> Dataset:
+    if not spec:
+        raise SegdaError("no dataset given: set data.train / data.val (a manifest or a shard URL pattern)")
+    if spec.endswith(".json"):
+        return _from_manifest(spec, allow_pipe)
+    urls = expand_urls(spec)
+    if not urls:
+        raise SegdaError(f"the shard pattern {spec!r} expands to no URL")
+    return Dataset(spec, [Shard(u) for u in urls])
+
+
+def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
+    try:
+        manifest = json.loads(read_bytes(spec, allow_pipe=allow_pipe))
+    except ValueError as err:
+        raise SegdaError(f"{spec} is not a JSON manifest ({err}); was it written by `segda shards`?") from err
+    if not isinstance(manifest, dict) or "shards" not in manifest:
+        raise SegdaError(f"{spec} has no 'shards' list: is it a segda manifest (written by `segda shards`)?")
+    shards = []
+    for n, entry in enumerate(manifest["shards"]):
+        try:
+            shards.append(Shard(join_url(spec, entry["url"]), int(entry["num_samples"]), entry.get("sha256")))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SegdaError(f"{spec}: shard entry {n} is malformed ({err!r}); re-create the shards") from err
+    if not shards:
+        raise SegdaError(f"{spec} lists no shards")
+    return Dataset(spec, shards, manifest)
+
+
+def with_counts(ds: Dataset, *, allow_pipe: bool = False) -> Dataset:
+    """Fill in unknown per-shard sample counts by reading the shards once (a manifest makes this free)."""
+    if ds.counts_known:
+        return ds
+    info(f"counting samples in {len(ds.shards)} shard(s) of {ds.spec} (point at the manifest to skip this)")
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    shards = []
+    for shard in ds.shards:
+        keys = set()
+        with open_url(shard.url, allow_pipe=allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.isreg():
+                    keys.add(base_plus_ext(member.name)[0])
+        shards.append(Shard(shard.url, len(keys), shard.sha256))
+    return Dataset(ds.spec, shards, ds.manifest)

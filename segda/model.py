@@ -1,0 +1,103 @@
+"""SegFormer for the 19 Cityscapes classes: build (hub id, local folder, or config), save, fingerprint, loss.
+
+    model = build_model("nvidia/mit-b0")                 # ImageNet encoder, fresh 19-class head
+    model = build_model("runs/gta5/model")               # a pretrained segda model (transformers folder)
+    model = build_model("", {"hidden_sizes": [16, 32, 64, 128]})   # random init (tests, demo)
+
+Weights are read from safetensors only (`use_safetensors=True`): no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+from segda import atomic
+from segda.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
+from segda.data.transforms import MEAN, STD
+from segda.log import SegdaError
+
+
+def _label_maps() -> dict:
+    return {"num_labels": NUM_CLASSES, "id2label": dict(enumerate(CLASS_NAMES)),
+            "label2id": {name: i for i, name in enumerate(CLASS_NAMES)}, "semantic_loss_ignore_index": IGNORE}
+
+
+def build_model(name_or_path: str, config_overrides: dict | None = None) -> SegformerForSemanticSegmentation:
+    """A 19-class SegFormer from a hub id or local folder (weights), or from a SegformerConfig (random init)."""
+    if not name_or_path:
+        try:
+            config = SegformerConfig(**{**(config_overrides or {}), **_label_maps()})
+        except (TypeError, ValueError) as err:
+            raise SegdaError(f"model.config is not a valid SegformerConfig: {err}") from err
+        return SegformerForSemanticSegmentation(config)
+    if config_overrides:
+        raise SegdaError("model.config applies to random init only; clear model.name_or_path or model.config")
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not (path / "config.json").is_file():
+        raise SegdaError(f"model folder {path} has no config.json: give a folder written by `segda pretrain` "
+                         "(RUN_DIR/model) or `save_pretrained`, or a hub id like nvidia/mit-b0")
+    try:
+        return SegformerForSemanticSegmentation.from_pretrained(
+            name_or_path, use_safetensors=True, ignore_mismatched_sizes=True, **_label_maps())
+    except OSError as err:
+        raise SegdaError(f"cannot load model {name_or_path!r}: {err}. Hub ids need network access and a "
+                         "model.safetensors file; offline, download the folder and point at it") from err
+
+
+def save_model(model, out_dir: str | Path) -> Path:
+    """save_pretrained (safetensors) into a temporary folder, then swap it in: never a half-written model."""
+    model = getattr(model, "module", model)
+    with atomic.atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
+def fingerprint(model) -> str:
+    """sha256 over the model's tensors (names, shapes, fp32 values): identifies the exact base of an adapter."""
+    digest = hashlib.sha256()
+    state = getattr(model, "module", model).state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu")
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+_MEAN = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+_STD = torch.tensor(STD).view(1, 3, 1, 1) * 255
+
+
+def normalize(images: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on `device`, in channels-last memory.
+
+    The uint8 batch crosses to the device (4x fewer bytes than float) and is normalised there.
+    """
+    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    x = (x - _MEAN.to(device)) / _STD.to(device)
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over non-IGNORE pixels, logits upsampled to label resolution.
+
+    Summed and divided by max(valid pixels, 1): a batch with no valid pixel gives 0 (still connected to the
+    graph, so every rank joins DDP's gradient all-reduce) instead of the NaN of a mean over nothing, and no
+    host-device sync is needed to find out.
+    """
+    labels = labels.long()
+    up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(up, labels, ignore_index=IGNORE, reduction="sum")
+    return total / (labels != IGNORE).sum().clamp(min=1)
