@@ -1,0 +1,125 @@
+"""Resumable checkpoints in safetensors + JSON: model, optimizer, scheduler, RNG and stream position.
+
+    RUN_DIR/checkpoints/step-000200/{model.safetensors, optimizer.safetensors, state.json, rng-<rank>.safetensors}
+
+Nothing is pickled: tensors go to safetensors, the rest to JSON, so resuming never unpickles a file. Each
+checkpoint folder is written under a temporary name and renamed when complete; `--resume auto` takes the newest
+complete one. (DeepSpeed shards its optimizer state; under DeepSpeed, Accelerate's own save_state is used.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from segda import atomic
+from segda.log import SegdaError
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """`auto`: the newest complete checkpoint of run_dir (None if there is none); a path: that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise SegdaError(f"--resume {resume}: no checkpoint there (expected {path}/state.json); "
+                         f"use --resume auto to take the newest under {run_dir}/checkpoints")
+    return path
+
+
+def optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors (for safetensors) and JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer, tensors: dict[str, torch.Tensor], rest: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in rest["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+def save_rank_rng(run_dir: str | Path, step: int, rank: int) -> Path:
+    """Every rank parks its RNG state beside the checkpoint; the main process moves it in."""
+    path = Path(run_dir) / "checkpoints" / f".rng-{step:06d}-{rank}.safetensors"
+    with atomic.atomic_path(path) as tmp:
+        save_file(rng_tensors(), str(tmp))
+    return path
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer, state: dict, world: int,
+                    keep: int) -> Path:
+    """Main process: write the checkpoint folder atomically, adopt the ranks' RNG files, prune old ones."""
+    final = checkpoint_dir(run_dir, step)
+    with atomic.atomic_path(final) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        tensors, rest = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(rest))
+        for rank in range(world):
+            parked = Path(run_dir) / "checkpoints" / f".rng-{step:06d}-{rank}.safetensors"
+            os.replace(parked, tmp / f"rng-{rank}.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict, dict]:
+    """(model tensors, optimizer tensors, optimizer rest, state, this rank's RNG tensors)."""
+    state = json.loads((path / "state.json").read_text())
+    rng_file = path / f"rng-{rank}.safetensors"
+    if not rng_file.is_file():
+        raise SegdaError(f"{path} was written by a run of {state.get('world_size')} processes and has no RNG "
+                         f"state for rank {rank}: resume with the same number of processes")
+    return (load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")),
+            json.loads((path / "optimizer.json").read_text()), state, load_file(str(rng_file)))

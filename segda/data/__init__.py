@@ -1,0 +1,1 @@
+"""Data loading: shard sources, streaming datasets and samplers."""

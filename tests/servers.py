@@ -1,0 +1,277 @@
+"""Loopback servers for streaming tests: an HTTP file server and a real moto S3 server, both with fault injection.
+
+Used through the `http_server` and `s3_server` fixtures in conftest.py. Faults fire once per path (the first GET
+of it), so a client that retries or resumes succeeds and a test can check that it did, from `faults.requests`.
+S3 faults work by putting a small HTTP proxy between the client and `moto_server`: the client really re-requests
+the missing byte range from moto, nothing in the client is patched.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+
+
+@dataclass
+class Faults:
+    """What the server does wrong, per test. Paths are URL paths: "/a/b.tar" (S3: "/bucket/key")."""
+
+    status_once: int | None = None
+    """Answer this status (e.g. 503) to the first GET of each path."""
+    drop_after: int | None = None
+    """First GET of each path (after any status_once): send the full Content-Length, this many body bytes, then cut."""
+    reset: bool = False
+    """Cut with a TCP reset (client sees ConnectionResetError) instead of a clean close (client sees a short body)."""
+    stall: float = 0.0
+    """Seconds to sit silent before the cut, to exercise the client's read timeout."""
+    not_found: set[str] = field(default_factory=set)
+    """Paths that always answer 404 (HTTP file server only; moto answers NoSuchKey for missing keys itself)."""
+    ignore_range: bool = False
+    """Answer 200 with the whole file even to a Range request, like a server without range support."""
+    only: set[str] | None = None
+    """Limit status_once/drop_after to these paths; None means every path."""
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    """(path, Range header) of every GET received, in order."""
+    _done: set[tuple[str, str]] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def decide(self, path: str, range_header: str | None) -> tuple[int | None, int | None]:
+        """Log a GET and return (status to answer instead, body bytes to send before cutting)."""
+        with self._lock:
+            self.requests.append((path, range_header))
+            if self.only is not None and path not in self.only:
+                return None, None
+            if self.status_once is not None and ("status", path) not in self._done:
+                self._done.add(("status", path))
+                return self.status_once, None
+            if self.drop_after is not None and ("drop", path) not in self._done:
+                self._done.add(("drop", path))
+                return None, self.drop_after
+            return None, None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    faults: Faults
+    root: Path | None = None
+    upstream: tuple[str, int] | None = None
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], OSError):  # aborted connections are the point of these servers
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format, *args):
+        pass
+
+    def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        """Send a response, applying the faults configured for this path."""
+        drop = None
+        if self.command == "GET":
+            fault_status, drop = self.server.faults.decide(urlsplit(self.path).path, self.headers.get("Range"))
+            if fault_status is not None:
+                status, headers, body = fault_status, {}, b"injected fault\n"
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if self.command != "HEAD" or "Content-Length" not in headers:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        self.wfile.write(body if drop is None else body[:drop])
+        if drop is not None:
+            self.cut()
+
+    def cut(self) -> None:
+        time.sleep(self.server.faults.stall)
+        self.close_connection = True
+        if self.server.faults.reset:  # linger 0 + close = RST, with no FIN before it
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+
+
+class _FileHandler(_Handler):
+    def do_GET(self):
+        path = unquote(urlsplit(self.path).path)
+        root = self.server.root.resolve()
+        file = (root / path.lstrip("/")).resolve()
+        if path in self.server.faults.not_found or root not in file.parents or not file.is_file():
+            return self.reply(404, {"Content-Type": "text/plain"}, b"not found\n")
+        data = file.read_bytes()
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{file.stat().st_mtime_ns}-{len(data)}"'}
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if not match or self.server.faults.ignore_range:
+            return self.reply(200, headers, data)
+        start, end = int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)
+        if start >= len(data):
+            return self.reply(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        self.reply(206, headers, data[start : end + 1])
+
+    do_HEAD = do_GET
+
+
+class _ProxyHandler(_Handler):
+    """Forwards each request to moto, buffering the answer so faults can cut its body at an exact byte."""
+
+    def forward(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            body = self._read_chunked()
+        else:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"expect"}}
+        conn = http.client.HTTPConnection(*self.server.upstream, timeout=30)
+        try:
+            conn.request(self.command, self.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        skip = _HOP_BY_HOP | {"server", "date"} | ({"content-length"} if self.command != "HEAD" else set())
+        self.reply(resp.status, {k: v for k, v in resp.getheaders() if k.lower() not in skip}, data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    def _read_chunked(self) -> bytes:
+        out = bytearray()
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            out += self.rfile.read(size)
+            self.rfile.readline()
+        while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+            pass
+        return bytes(out)
+
+
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 (ephemeral port) in a daemon thread; `close()` stops it."""
+
+    def __init__(self, handler: type[_Handler], root: Path | None = None, upstream: tuple[str, int] | None = None):
+        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server.faults, self._server.root, self._server.upstream = Faults(), root, upstream
+        self.root = root
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    @property
+    def faults(self) -> Faults:
+        return self._server.faults
+
+    @faults.setter
+    def faults(self, value: Faults) -> None:
+        self._server.faults = value
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def http_file_server(root: Path) -> LoopbackServer:
+    """Serve `root` with Range support: `.url` is the base URL, `.root` the directory, `.faults` the faults."""
+    return LoopbackServer(_FileHandler, root=root)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoS3:
+    """A `moto_server` process behind a fault-injecting proxy, with one bucket.
+
+    `.endpoint` (the proxy) is what clients should use, e.g. via AWS_ENDPOINT_URL; `.upload()` goes straight to
+    moto so that setting up a test never trips its faults.
+    """
+
+    ACCESS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def __init__(self, log_path: Path, bucket: str = "segda-test"):
+        port = free_port()
+        command = shutil.which("moto_server")
+        argv = [command] if command else [sys.executable, "-m", "moto.server"]
+        self._log = open(log_path, "wb")
+        self._proc = subprocess.Popen(argv + ["-H", "127.0.0.1", "-p", str(port)], stdout=self._log, stderr=self._log)
+        self.direct_endpoint = f"http://127.0.0.1:{port}"
+        self.bucket = bucket
+        self._proxy = None
+        try:
+            self._wait_until_up(log_path)
+            self.client().create_bucket(Bucket=bucket)
+            self._proxy = LoopbackServer(_ProxyHandler, upstream=("127.0.0.1", port))
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint = self._proxy.url
+
+    def _wait_until_up(self, log_path: Path, limit: float = 30.0) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self._proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.direct_endpoint + "/", timeout=1).close()
+                return
+            except urllib.error.HTTPError:
+                return  # any HTTP answer means it is serving
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"moto_server did not answer within {limit}s: {log_path.read_text()[-2000:]}")
+
+    @property
+    def faults(self) -> Faults:
+        return self._proxy.faults
+
+    @faults.setter
+    def faults(self, value: Faults) -> None:
+        self._proxy.faults = value
+
+    def client(self):
+        """A boto3 client talking to moto directly (no proxy, no faults), independent of the environment."""
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.direct_endpoint, **self.ACCESS)
+
+    def upload(self, local_path, key: str) -> str:
+        """Put a local file at `key` in the bucket; returns its s3:// URL."""
+        self.client().upload_file(str(local_path), self.bucket, key)
+        return self.url(key)
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def path(self, key: str) -> str:
+        """The URL path the proxy sees for `key` (what Faults.only / not_found / requests use)."""
+        return f"/{self.bucket}/{key}"
+
+    def close(self) -> None:
+        if self._proxy is not None:
+            self._proxy.close()
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._log.close()
