@@ -1,0 +1,199 @@
+"""Score models on datasets with the standard 19-class metric: a confusion matrix over every non-255 pixel.
+
+    segda evaluate --model source=runs/gta5/model --model source+lora=runs/cs/adapter \
+                   --data gta5-val=shards/gta5/val-manifest.json --data cityscapes-val=... --out reports/
+
+Each rank evaluates its own samples (every sample exactly once across ranks x workers, `segda.data.plan`),
+accumulates an int64 19x19 confusion matrix at label resolution, and the matrices are all-reduced once at the
+end. Inference is whole-image (resize to `eval_size`, logits upsampled to the label's size) or sliding-window at
+full resolution, optionally with flip test-time augmentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segda.classes import IGNORE, NUM_CLASSES
+from segda.config import DataConfig
+from segda.data.datasets import resolve_dataset
+from segda.data.stream import eval_loader
+from segda.log import SegdaError, info
+from segda.model import normalize
+from segda.report import metrics_from_confusion
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    mode: str = "whole"
+    """whole: resize the frame to eval_size; slide: windows of `crop` at full resolution."""
+    eval_size: tuple[int, int] = (1024, 512)
+    """(width, height) for whole-image inference."""
+    crop: tuple[int, int] = (512, 512)
+    """(height, width) of sliding windows."""
+    stride: tuple[int, int] = (341, 341)
+    """(height, width) step of sliding windows (mmseg's 1024x1024/768 scaled to B0-sized crops)."""
+    flip: bool = False
+    """Average logits with those of the horizontally flipped frame."""
+    batch_size: int = 4
+    """Frames (whole) or windows (slide) per forward pass."""
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "slide"):
+            raise SegdaError(f"inference mode must be 'whole' or 'slide', got {self.mode!r}")
+
+
+def _forward(model, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
+    logits = model(pixel_values=pixels).logits.float()
+    if flip:
+        logits = logits + model(pixel_values=pixels.flip(-1)).logits.float().flip(-1)
+    return logits
+
+
+@torch.no_grad()
+def predict_logits(model, images: list[torch.Tensor], out_sizes: list[tuple[int, int]], opts: InferenceOptions,
+                   device) -> list[torch.Tensor]:
+    """Logits (19, H, W) at each requested (H, W) for uint8 (h, w, 3) frames."""
+    if opts.mode == "slide":
+        return [_slide(model, image, size, opts, device) for image, size in zip(images, out_sizes)]
+    out = []
+    for i in range(0, len(images), opts.batch_size):
+        chunk = images[i:i + opts.batch_size]
+        if len({tuple(im.shape) for im in chunk}) > 1:  # mixed sizes: one at a time
+            logits = [_forward(model, normalize(im[None], device), opts.flip)[0] for im in chunk]
+        else:
+            logits = list(_forward(model, normalize(torch.stack(chunk), device), opts.flip))
+        for logit, size in zip(logits, out_sizes[i:i + opts.batch_size]):
+            out.append(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0])
+    return out
+
+
+def _windows(length: int, crop: int, stride: int) -> list[int]:
+    count = max(length - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, length) - crop, 0) for i in range(count)]
+
+
+def _slide(model, image: torch.Tensor, size: tuple[int, int], opts: InferenceOptions, device) -> torch.Tensor:
+    """Every window runs once, in batches; overlapping logits are averaged (mmseg's slide_inference)."""
+    height, width = image.shape[:2]
+    ch, cw = min(opts.crop[0], height), min(opts.crop[1], width)
+    boxes = [(y, x) for y in _windows(height, ch, opts.stride[0]) for x in _windows(width, cw, opts.stride[1])]
+    total = torch.zeros(NUM_CLASSES, height, width, device=device)
+    count = torch.zeros(1, height, width, device=device)
+    for i in range(0, len(boxes), opts.batch_size):
+        chunk = boxes[i:i + opts.batch_size]
+        crops = torch.stack([image[y:y + ch, x:x + cw] for y, x in chunk])
+        logits = _forward(model, normalize(crops, device), opts.flip)
+        logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
+        for (y, x), logit in zip(chunk, logits):
+            total[:, y:y + ch, x:x + cw] += logit
+            count[:, y:y + ch, x:x + cw] += 1
+    logits = total / count
+    if (height, width) != tuple(size):
+        logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    return logits
+
+
+def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> None:
+    """Add one frame: rows = ground truth, columns = prediction, IGNORE pixels left out."""
+    valid = label != IGNORE
+    index = label[valid].long() * NUM_CLASSES + pred[valid].long()
+    confusion += torch.bincount(index, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES)
+
+
+@torch.no_grad()
+def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: InferenceOptions | None = None,
+                   limit: int = 0, num_examples: int = 0) -> dict:
+    """Confusion matrix and metrics of `model` on dataset `ds`, summed over all ranks (call on every rank)."""
+    opts = opts or InferenceOptions(eval_size=tuple(data_cfg.eval_size))
+    device = accelerator.device
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # samples, skipped
+    examples = []
+    resize = opts.eval_size if opts.mode == "whole" else None
+    loader = eval_loader(ds, data_cfg, rank=accelerator.process_index, world=accelerator.num_processes,
+                         batch_size=opts.batch_size, resize=resize, limit=limit,
+                         pin_memory=device.type == "cuda")
+    with accelerator.autocast():
+        for batch in loader:
+            counts[1] += batch["skipped"]
+            if not batch["key"]:
+                continue
+            labels = [lab.to(device, non_blocking=True) for lab in batch["label"]]
+            logits = predict_logits(model, batch["image"], [tuple(lab.shape) for lab in labels], opts, device)
+            for image, logit, label in zip(batch["image"], logits, labels):
+                pred = logit.argmax(0)
+                confusion_update(confusion, pred, label)
+                if len(examples) < num_examples and accelerator.is_main_process:
+                    examples.append((image.numpy(), label.cpu().numpy(), pred.to(torch.uint8).cpu().numpy()))
+            counts[0] += len(batch["key"])
+    confusion = accelerator.reduce(confusion, reduction="sum")
+    counts = accelerator.reduce(counts, reduction="sum")
+    model.train(was_training)
+    result = metrics_from_confusion(confusion.cpu().numpy().astype(np.int64))
+    return {**result, "confusion": confusion.cpu().numpy().astype(np.int64), "num_samples": int(counts[0]),
+            "skipped": int(counts[1]), "examples": examples}
+
+
+def load_any(path: str, base: str | None = None, allow_base_mismatch: bool = False):
+    """A full model folder (or hub id), or an adapter folder applied to its recorded base (or `base`)."""
+    from segda.adapters import is_adapter, load_adapted
+    from segda.model import build_model
+
+    if is_adapter(path):
+        return load_adapted(path, base, allow_base_mismatch=allow_base_mismatch)
+    if base:
+        raise SegdaError(f"--base applies to adapters, but {path} is a full model folder")
+    return build_model(path)
+
+
+def parse_labeled(items: list[str], what: str) -> list[tuple[str, str]]:
+    """['LABEL=PATH' or 'PATH', ...] -> [(label, path)]; labels default to the folder or file name."""
+    out = []
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or "://" in label:
+            path, label = item, Path(item.rstrip("/")).name.replace("-manifest.json", "")
+        if not path:
+            raise SegdaError(f"--{what} {item!r}: expected [LABEL=]PATH")
+        out.append((label, path))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise SegdaError(f"--{what} labels must be unique, got {labels}: name them LABEL=PATH")
+    return out
+
+
+def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str]], out_dir: str | Path,
+                    data_cfg: DataConfig, opts: InferenceOptions, *, base: str | None = None,
+                    allow_base_mismatch: bool = False, limit: int = 0, num_examples: int = 4,
+                    extra: dict | None = None, accelerator=None) -> dict:
+    """Evaluate every model on every dataset and write the report (main process)."""
+    from accelerate import Accelerator
+
+    from segda.log import set_main_process
+    from segda.report import format_matrix, write_report
+
+    accelerator = accelerator or Accelerator()
+    set_main_process(accelerator.is_main_process)
+    resolved = [(label, resolve_dataset(spec, allow_pipe=data_cfg.allow_pipe), spec) for label, spec in datasets]
+    results = []
+    for model_label, path in models:
+        model = load_any(path, base, allow_base_mismatch).to(accelerator.device)
+        for data_label, ds, spec in resolved:
+            info(f"evaluating {model_label} on {data_label} ...")
+            r = evaluate_model(model, ds, data_cfg, accelerator, opts=opts, limit=limit, num_examples=num_examples)
+            info(f"  mIoU {100 * r['miou']:.1f} over {r['num_samples']} samples, {r['num_pixels']:,} pixels")
+            results.append({**r, "model": model_label, "data": data_label, "model_path": path, "data_spec": spec})
+    report = {}
+    if accelerator.is_main_process:
+        report = write_report(out_dir, results, extra)
+        print(format_matrix(results))
+        info(f"report: {Path(out_dir) / 'report.md'}")
+    accelerator.wait_for_everyone()
+    return report

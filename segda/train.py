@@ -1,0 +1,327 @@
+"""One training loop for both stages: `pretrain` trains the whole SegFormer, `adapt` trains a LoRA adapter.
+
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m segda pretrain configs/demo/pretrain.yaml
+
+Processes, mixed precision and DeepSpeed come from the Accelerate launch config; everything else from the
+experiment config. Each rank streams its own part of the shards (`segda.data.stream`): the loader is never
+passed through `accelerator.prepare`. Outputs: RUN_DIR/model (pretrain, save_pretrained safetensors) or
+RUN_DIR/adapter (adapt, adapter only), RUN_DIR/run.json, RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from tqdm import tqdm
+
+from segda import adapters, atomic, checkpoint
+from segda.config import Config
+from segda.data.datasets import resolve_dataset, with_counts
+from segda.data.stream import train_loader
+from segda.evaluate import evaluate_model
+from segda.log import SegdaError, info, set_main_process, warn
+from segda.model import build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
+from segda.runinfo import run_info
+
+STAGES = ("pretrain", "adapt")
+
+
+def make_accelerator(cfg: Config, out_dir: Path) -> Accelerator:
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    trackers = "tensorboard" if _has_tensorboard() else None
+    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers,
+                       log_with=trackers, project_dir=str(out_dir))
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def build_trainable(stage: str, cfg: Config):
+    """(model, base fingerprint or None): the whole model for pretrain, base + LoRA for adapt."""
+    if stage == "pretrain":
+        return build_model(cfg.model.name_or_path, cfg.model.config), None
+    if not cfg.model.name_or_path:
+        raise SegdaError("adapt needs the pretrained base: set model.name_or_path to RUN_DIR/model of a pretrain run")
+    base = build_model(cfg.model.name_or_path)
+    return adapters.attach_lora(base, cfg.lora), fingerprint(base)
+
+
+def param_groups(model, cfg) -> list[dict]:
+    """SegFormer recipe: head at lr x head_lr_mult; no weight decay on norms, biases and position embeddings."""
+    groups = {(h, d): [] for h in (False, True) for d in (False, True)}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim > 1 and "norm" not in name and "pos" not in name
+        groups[("decode_head" in name, decay)].append(param)
+    out = []
+    for (head, decay), params in groups.items():
+        if params:
+            out.append({"params": params, "lr": cfg.lr * (cfg.head_lr_mult if head else 1.0),
+                        "weight_decay": cfg.weight_decay if decay else 0.0})
+    return out
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, power: float) -> float:
+    """Linear warmup, then polynomial decay to zero at max_steps."""
+    warm = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return warm * max(0.0, 1.0 - step / max_steps) ** power
+
+
+def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
+    """Run one stage; return the summary that also goes to RUN_DIR/run.json."""
+    if stage not in STAGES:
+        raise SegdaError(f"unknown stage {stage!r}; choose one of {STAGES}")
+    out_dir = Path(out_dir)
+    accelerator = make_accelerator(cfg, out_dir)
+    set_main_process(accelerator.is_main_process)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_ds = with_counts(resolve_dataset(cfg.data.train, allow_pipe=cfg.data.allow_pipe),
+                           allow_pipe=cfg.data.allow_pipe)
+    val_ds = resolve_dataset(cfg.data.val, allow_pipe=cfg.data.allow_pipe) if cfg.data.val else None
+
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank
+    model, base_fp = build_trainable(stage, cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas),
+                                  fused=accelerator.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.poly_power))
+    _deepspeed_batch(accelerator, cfg)
+    # The scheduler is stepped by hand once per optimizer step: a prepared one would step once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
+
+    loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp)
+    loop.restore(checkpoint.find_resume(out_dir, resume))
+    return loop.run()
+
+
+def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
+    """DeepSpeed wants the micro-batch size, normally read from a prepared loader, which we never prepare."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_cfg["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds_cfg["gradient_accumulation_steps"] = cfg.train.grad_accum
+        if cfg.optim.clip_grad_norm:
+            ds_cfg["gradient_clipping"] = cfg.optim.clip_grad_norm
+        if "train_batch_size" in ds_cfg:
+            ds_cfg["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
+
+
+class _Loop:
+    def __init__(self, stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp):
+        self.stage, self.cfg, self.out, self.acc = stage, cfg, out_dir, accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
+        self.step, self.best, self.history = 0, {}, []
+        self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
+        self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        self.batches_per_epoch = train_loader(train_ds, cfg.data, rank=accelerator.process_index,
+                                              world=accelerator.num_processes, seed=cfg.train.seed, epoch=0)[1]
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    def restore(self, path: Path | None) -> None:
+        if path is None:
+            return
+        acc = self.acc
+        if self.deepspeed:
+            acc.load_state(str(path / "deepspeed"))
+            state = json.loads((path / "state.json").read_text())
+        else:
+            model_t, opt_t, opt_rest, state, rng = checkpoint.load_checkpoint(path, acc.process_index)
+            acc.unwrap_model(self.model).load_state_dict(model_t)
+            checkpoint.load_optimizer(self.optimizer, opt_t, opt_rest)
+            checkpoint.restore_rng(rng)
+        if state.get("world_size") != acc.num_processes:
+            raise SegdaError(f"{path} was written by {state.get('world_size')} processes, this run has "
+                             f"{acc.num_processes}: resume with the same launch config")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.best = state["step"], state.get("best", {})
+        self.images, self.train_seconds = state.get("images", 0), state.get("train_seconds", 0.0)
+        info(f"resumed from {path} at step {self.step}")
+
+    # ---- main loop ----------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        acc, cfg = self.acc, self.cfg
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics()
+            atomic.write_json(self.out / "run.json", self._summary(status="running"))
+        if acc.log_with:
+            acc.init_trackers(f"segda-{self.stage}", config=_flat(cfg.to_dict()))
+        started = time.perf_counter()
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.stage, unit="step",
+                   disable=not acc.is_main_process, dynamic_ncols=True)
+        micro = self.step * cfg.train.grad_accum
+        while self.step < cfg.train.max_steps:
+            epoch, offset = divmod(micro, self.batches_per_epoch)
+            loader, _ = train_loader(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
+                                     seed=cfg.train.seed, epoch=epoch, start_step=offset,
+                                     pin_memory=acc.device.type == "cuda")
+            self._train_mode()
+            tick = time.perf_counter()
+            for batch in loader:
+                micro += 1
+                if self._micro_step(batch):
+                    self.train_seconds += time.perf_counter() - tick
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                                    img_s=f"{self.images / max(self.train_seconds, 1e-9):.1f}")
+                    self._after_step()
+                    tick = time.perf_counter()
+                    if self.step >= cfg.train.max_steps:
+                        break
+        bar.close()
+        return self._finish(time.perf_counter() - started)
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.stage == "adapt":
+            adapters.freeze_untrained_norms(self.model)
+
+    def _micro_step(self, batch) -> bool:
+        """Forward/backward one micro-batch; True when this completed an optimizer step."""
+        acc, cfg = self.acc, self.cfg
+        if batch["skipped"]:
+            warn(f"rank {acc.process_index}: {batch['skipped']} bad sample(s) skipped (see warnings above)")
+        with acc.accumulate(self.model):
+            pixels = normalize(batch["image"], acc.device)
+            logits = self.model(pixel_values=pixels).logits
+            loss = segmentation_loss(logits, batch["label"].to(acc.device, non_blocking=True))
+            losses = acc.gather(loss.detach()[None])
+            if not bool(torch.isfinite(losses).all()):
+                self._nonfinite(losses)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.optim.clip_grad_norm and not self.deepspeed:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.images += len(batch["key"]) * acc.num_processes
+        self._loss_sum = getattr(self, "_loss_sum", 0.0) + float(losses.mean())
+        if not acc.sync_gradients:
+            return False
+        self.scheduler.step()
+        self.step += 1
+        self.history.append({"step": self.step, "loss": self._loss_sum / cfg.train.grad_accum,
+                             "lr": self.scheduler.get_last_lr()[0]})
+        self._loss_sum = 0.0
+        return True
+
+    def _nonfinite(self, losses) -> None:
+        if self.acc.scaler is not None:  # fp16: the gradient scaler skips this step and lowers its scale
+            self.nonfinite_skipped += 1
+            warn(f"non-finite loss at step {self.step + 1} under fp16: the scaler skips the update")
+            return
+        raise SegdaError(f"non-finite loss {losses.tolist()} at step {self.step + 1}: stopping before it reaches "
+                         "the weights. Lower optim.lr, check the data, or resume from the last checkpoint "
+                         f"({self.out / 'checkpoints'}) with --resume auto")
+
+    def _after_step(self) -> None:
+        cfg, acc = self.cfg.train, self.acc
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self._log({**self.history[-1], "img_per_s": self.images / max(self.train_seconds, 1e-9)})
+        if self.val_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
+                and self.step < cfg.max_steps:
+            self._evaluate()
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+            self._checkpoint()
+
+    def _evaluate(self) -> dict:
+        model = self.acc.unwrap_model(self.model)
+        result = evaluate_model(model, self.val_ds, self.cfg.data, self.acc, limit=self.cfg.train.eval_max_samples)
+        metrics = {"step": self.step, "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"]}
+        if result["miou"] >= self.best.get("val_miou", -1.0):
+            self.best = metrics
+        self._log(metrics)
+        info(f"step {self.step}: val mIoU {100 * result['miou']:.1f} (best {100 * self.best['val_miou']:.1f} "
+             f"at step {self.best['step']})")
+        self._train_mode()
+        return metrics
+
+    def _checkpoint(self) -> None:
+        acc = self.acc
+        state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
+                 "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
+                 "stage": self.stage, "config": self.cfg.to_dict()}
+        final = checkpoint.checkpoint_dir(self.out, self.step)
+        if self.deepspeed:  # DeepSpeed shards optimizer state: its own format, written by every rank
+            acc.save_state(str(final / "deepspeed"))
+            if acc.is_main_process:
+                atomic.write_json(final / "state.json", state)
+            acc.wait_for_everyone()
+            return
+        checkpoint.save_rank_rng(self.out, self.step, acc.process_index)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            checkpoint.save_checkpoint(self.out, self.step, acc.unwrap_model(self.model).state_dict(),
+                                       self.optimizer, state, acc.num_processes, self.cfg.train.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.acc.log_with:
+            self.acc.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.acc.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """After a resume, drop the lines a killed run wrote past its last checkpoint."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            atomic.write_text(path, "".join(line + "\n" for line in kept))
+
+    def _finish(self, wall: float) -> dict:
+        acc = self.acc
+        final = self._evaluate() if self.val_ds is not None else {}
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            if self.stage == "pretrain":
+                save_model(model, self.out / "model")
+            else:
+                adapters.save_adapter(model, self.out / "adapter", base=self.cfg.model.name_or_path,
+                                      base_fingerprint=self.base_fp, config=self.cfg.to_dict(), metrics=final)
+        summary = self._summary(status="done", wall=wall, final=final)
+        if acc.is_main_process:
+            atomic.write_json(self.out / "run.json", summary)
+            where = self.out / ("model" if self.stage == "pretrain" else "adapter")
+            info(f"{self.stage} done: {self.step} steps, {summary['throughput_img_per_s']:.1f} img/s; saved {where}")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+    def _summary(self, status: str, wall: float = 0.0, final: dict | None = None) -> dict:
+        model = self.acc.unwrap_model(self.model)
+        return {
+            "status": status, "stage": self.stage, "step": self.step, "config": self.cfg.to_dict(),
+            "world_size": self.acc.num_processes, "mixed_precision": self.acc.mixed_precision,
+            "distributed_type": str(self.acc.distributed_type), "device": str(self.acc.device),
+            "trainable_parameters": count_parameters(model, trainable_only=True),
+            "total_parameters": count_parameters(model), "train_samples_per_epoch": self.train_ds.num_samples,
+            "throughput_img_per_s": self.images / max(self.train_seconds, 1e-9), "wall_seconds": wall,
+            "train_seconds": self.train_seconds, "nonfinite_steps_skipped": self.nonfinite_skipped,
+            "best": self.best, "final": final or {}, **run_info(),
+        }
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+
