@@ -79,6 +79,108 @@ def _run_shards(args) -> int:
     return 0
 
 
+def _add_train(sub, stage: str, help_: str) -> None:
+    p = sub.add_parser(stage, help=help_)
+    p.add_argument("config", help="experiment YAML (configs/...)")
+    p.add_argument("--out", required=True, help="run folder (model/ or adapter/, checkpoints/, run.json)")
+    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="auto (default when given): newest checkpoint under --out; or a checkpoint folder")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set train.seed=1 data.batch_size=4 (repeatable)")
+    p.set_defaults(run=_run_train, stage=stage)
+
+
+def _run_train(args) -> int:
+    from segda.config import load_config
+    from segda.train import train
+
+    overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    cfg = load_config(args.config, overrides)
+    train(args.stage, cfg, args.out, resume=args.resume)
+    return 0
+
+
+def _add_inference_flags(p) -> None:
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
+    p.add_argument("--eval-size", type=_size, default=(1024, 512), help="whole mode: WIDTHxHEIGHT (default 1024x512)")
+    p.add_argument("--crop", type=int, default=512, help="slide mode: square window size (default 512)")
+    p.add_argument("--stride", type=int, default=341, help="slide mode: window stride (default 341)")
+    p.add_argument("--flip", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=4, help="frames (whole) or windows (slide) per forward")
+    p.add_argument("--base", default=None, help="base model for adapters (default: the one the adapter records)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply an adapter to a base whose fingerprint differs from the one it was trained on")
+
+
+def _inference_options(args):
+    from segda.evaluate import InferenceOptions
+
+    return InferenceOptions(mode=args.mode, eval_size=args.eval_size, crop=(args.crop, args.crop),
+                            stride=(args.stride, args.stride), flip=args.flip, batch_size=args.batch_size)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="mIoU of every model x dataset pair, with a report")
+    p.add_argument("--model", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="a model folder or an adapter folder (repeatable)")
+    p.add_argument("--data", action="append", required=True, metavar="[LABEL=]SPEC",
+                   help="a manifest or shard URL pattern: local, http(s)://, s3:// (repeatable)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples per dataset (0: all)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers per process")
+    p.add_argument("--examples", type=int, default=4, help="example predictions per pair in the report")
+    p.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest")
+    p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    _add_inference_flags(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from segda.config import DataConfig
+    from segda.evaluate import evaluate_matrix, parse_labeled
+
+    data_cfg = DataConfig(workers=args.workers, verify=args.verify, allow_pipe=args.allow_pipe,
+                          eval_size=list(args.eval_size))
+    evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,
+                    _inference_options(args), base=args.base, allow_base_mismatch=args.allow_base_mismatch,
+                    limit=args.limit, num_examples=args.examples)
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="train-id masks and coloured overlays for images")
+    p.add_argument("model", help="a model folder or an adapter folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True, help="output folder")
+    _add_inference_flags(p)
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from segda.predict import predict_files
+
+    predict_files(args.model, args.images, args.out, _inference_options(args), base=args.base,
+                  allow_base_mismatch=args.allow_base_mismatch)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="merge an adapter into its base and save a plain transformers model")
+    p.add_argument("adapter", help="adapter folder (RUN_DIR/adapter)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--base", default=None, help="base model (default: the one the adapter records)")
+    p.add_argument("--allow-base-mismatch", action="store_true")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from segda.predict import export_merged
+
+    export_merged(args.adapter, args.out, base=args.base, allow_base_mismatch=args.allow_base_mismatch)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segda", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_synth, _add_shards]
+_COMMANDS = [
+    _add_synth,
+    _add_shards,
+    lambda sub: _add_train(sub, "pretrain", "train the whole SegFormer on source shards (accelerate launch -m segda)"),
+    lambda sub: _add_train(sub, "adapt", "train a LoRA adapter on target shards, saving only the adapter"),
+    _add_evaluate,
+    _add_predict,
+    _add_export,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

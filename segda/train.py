@@ -11,6 +11,7 @@ RUN_DIR/adapter (adapt, adapter only), RUN_DIR/run.json, RUN_DIR/metrics.jsonl, 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,9 @@ STAGES = ("pretrain", "adapt")
 
 
 def make_accelerator(cfg: Config, out_dir: Path) -> Accelerator:
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # On CPU, multi-process runs (DeepSpeed too) need gloo; a single process must not ask for a process group.
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not torch.cuda.is_available() else []
     trackers = "tensorboard" if _has_tensorboard() else None
     return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers,
                        log_with=trackers, project_dir=str(out_dir))
@@ -51,7 +54,8 @@ def build_trainable(stage: str, cfg: Config):
     if not cfg.model.name_or_path:
         raise SegdaError("adapt needs the pretrained base: set model.name_or_path to RUN_DIR/model of a pretrain run")
     base = build_model(cfg.model.name_or_path)
-    return adapters.attach_lora(base, cfg.lora), fingerprint(base)
+    base_fp = fingerprint(base)  # before peft injects its layers into `base`
+    return adapters.attach_lora(base, cfg.lora), base_fp
 
 
 def param_groups(model, cfg) -> list[dict]:
@@ -289,7 +293,7 @@ class _Loop:
             if self.stage == "pretrain":
                 save_model(model, self.out / "model")
             else:
-                adapters.save_adapter(model, self.out / "adapter", base=self.cfg.model.name_or_path,
+                adapters.save_adapter(model, self.out / "adapter", base=_base_reference(self.cfg.model.name_or_path),
                                       base_fingerprint=self.base_fp, config=self.cfg.to_dict(), metrics=final)
         summary = self._summary(status="done", wall=wall, final=final)
         if acc.is_main_process:
@@ -312,6 +316,12 @@ class _Loop:
             "train_seconds": self.train_seconds, "nonfinite_steps_skipped": self.nonfinite_skipped,
             "best": self.best, "final": final or {}, **run_info(),
         }
+
+
+def _base_reference(name_or_path: str) -> str:
+    """A local base folder is recorded as an absolute path (the run may start elsewhere); a hub id as is."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,69 @@
+"""Predict masks for image files, and export an adapter merged into its base as a plain transformers model.
+
+    segda predict runs/cs/adapter frame1.png frame2.jpg --out masks/
+    segda export runs/cs/adapter --out runs/cs/merged
+
+`predict` uses the same inference options and defaults as `segda evaluate`, so its masks are exactly what
+evaluation scores: DIR/<stem>.png (uint8 train ids at the image's resolution) and DIR/<stem>_overlay.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from segda import atomic
+from segda.classes import colorize
+from segda.data.transforms import resize_image
+from segda.evaluate import InferenceOptions, load_any, predict_logits
+from segda.log import SegdaError, info
+from segda.model import save_model
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise SegdaError(f"cannot read image {path}: missing, or not a PNG/JPEG/WebP file")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    ok, buf = cv2.imencode(".png", array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+    assert ok
+    atomic.write_bytes(path, buf.tobytes())
+
+
+@torch.no_grad()
+def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts: InferenceOptions, *,
+                  base: str | None = None, allow_base_mismatch: bool = False, device: str | None = None) -> list[Path]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_any(model_path, base, allow_base_mismatch).to(device).eval()
+    out_dir = Path(out_dir)
+    written = []
+    for name in images:
+        path = Path(name)
+        rgb = _read_rgb(path)
+        shown = resize_image(rgb, opts.eval_size) if opts.mode == "whole" else rgb
+        logits = predict_logits(model, [torch.from_numpy(shown)], [rgb.shape[:2]], opts, device)[0]
+        mask = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        overlay = (0.5 * rgb + 0.5 * colorize(mask)).astype(np.uint8)
+        _write_png(out_dir / f"{path.stem}.png", mask)
+        _write_png(out_dir / f"{path.stem}_overlay.png", overlay)
+        written.append(out_dir / f"{path.stem}.png")
+    info(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
+    return written
+
+
+def export_merged(adapter_dir: str, out_dir: str | Path, *, base: str | None = None,
+                  allow_base_mismatch: bool = False) -> Path:
+    from segda.adapters import is_adapter, load_adapted, merge
+
+    if not is_adapter(adapter_dir):
+        raise SegdaError(f"{adapter_dir} is not an adapter folder (no adapter_config.json)")
+    merged = merge(load_adapted(adapter_dir, base, allow_base_mismatch=allow_base_mismatch))
+    save_model(merged, out_dir)
+    info(f"merged model written to {out_dir} (loads with SegformerForSemanticSegmentation.from_pretrained)")
+    return Path(out_dir)

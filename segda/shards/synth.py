@@ -1,0 +1,452 @@
+"""Procedural street scenes written in the raw GTA5 and Cityscapes layouts, for tests, demos and smoke runs.
+
+Real GTA5 and Cityscapes cannot ship with the repo, yet the creators, trainers and evaluator need data that has
+their exact file layouts and a real domain gap. Every scene is a pinhole-camera view of a street (road with
+lanes, sidewalks, facades, vegetation, poles, lights, signs, vehicles, people) drawn with cv2 into the image and
+the label with the same polygons, so the label is exact. The two domains share the geometry family but differ
+in class colours, lighting, texture, noise, blur, vignetting, camera and object statistics. Run through the CLI:
+`segda synth gta5 OUT --num N --size WxH --seed S` or `segda synth cityscapes OUT --split train ...`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from segda import atomic
+from segda.classes import label_id_palette
+
+# Cityscapes label ids drawn here (void ones included: they must map to 255 downstream).
+(UNLABELED, EGO, STATIC, GROUND, ROAD, SIDEWALK, PARKING, RAIL, BUILDING, WALL, FENCE, GUARD_RAIL, POLE, LIGHT,
+ SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS, CARAVAN, TRAIN, MOTO, BIKE) = (
+    0, 1, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 31, 32, 33)
+
+CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster"),
+          "test": ("berlin", "bielefeld")}
+QUIRK_PERIOD = 20
+"""One GTA5 frame in QUIRK_PERIOD has an image a few pixels wider than its label, as in the real release."""
+
+_LAMPS = [(255, 40, 30), (255, 190, 0), (40, 255, 90)]
+# Class colours per domain. The Cityscapes ones are shifted on purpose (its sidewalk looks like GTA5's road,
+# its sky like GTA5's facades, its vegetation darker than GTA5's fences) so a colour-only model fails across.
+_GTA5_COLOURS = {
+    "sky": [(90, 165, 245)], "road": [(125, 100, 145)], "lane": [(250, 250, 250)], "curb": [(235, 235, 240)],
+    "sidewalk": [(195, 198, 210)], "building": [(225, 195, 135), (210, 120, 80), (240, 220, 170), (230, 160, 105)],
+    "window": [(60, 110, 175)], "wall": [(180, 185, 110)], "fence": [(160, 105, 50)], "pole": [(100, 100, 110)],
+    "light": [(240, 195, 30)], "sign": [(30, 90, 235), (235, 40, 40)], "sign_face": [(250, 250, 250)],
+    "veg": [(40, 170, 40), (70, 190, 55)], "trunk": [(120, 75, 35)], "terrain": [(160, 215, 70)],
+    "skin": [(240, 190, 150)], "cloth": [(225, 35, 45), (40, 60, 210), (245, 205, 30), (35, 35, 40), (245, 245, 245)],
+    "car": [(215, 25, 30), (30, 80, 215), (245, 245, 245), (250, 205, 25), (35, 35, 40), (25, 170, 95)],
+    "glass": [(35, 55, 85)], "tire": [(25, 25, 25)], "truck": [(240, 125, 25), (245, 245, 240)],
+    "bus": [(25, 145, 230), (35, 185, 90)], "train": [(205, 35, 45)], "moto": [(60, 60, 215)],
+    "bike": [(225, 30, 130)], "ground": [(160, 125, 85)], "parking": [(160, 140, 160)], "rail": [(120, 95, 80)],
+    "guard": [(200, 200, 210)], "static": [(125, 125, 110)], "caravan": [(240, 240, 230)], "ego": [(20, 20, 30)],
+}
+_CITY_COLOURS = {
+    "sky": [(205, 210, 215)], "road": [(98, 88, 74)], "lane": [(190, 190, 180)], "curb": [(150, 150, 145)],
+    "sidewalk": [(150, 128, 158)], "building": [(145, 118, 92), (172, 156, 124), (132, 98, 84), (186, 172, 156)],
+    "window": [(105, 112, 120)], "wall": [(190, 180, 160)], "fence": [(95, 125, 115)], "pole": [(60, 62, 70)],
+    "light": [(40, 50, 45)], "sign": [(215, 215, 60), (70, 110, 175)], "sign_face": [(200, 200, 205)],
+    "veg": [(60, 82, 40), (82, 92, 50)], "trunk": [(65, 55, 45)], "terrain": [(130, 120, 70)],
+    "skin": [(185, 145, 120)], "cloth": [(55, 55, 65), (100, 88, 78), (38, 45, 62), (135, 45, 45), (165, 165, 165)],
+    "car": [(45, 55, 88), (150, 152, 158), (28, 28, 32), (112, 30, 34), (200, 200, 205), (32, 70, 60)],
+    "glass": [(25, 30, 38)], "tire": [(18, 18, 18)], "truck": [(200, 200, 192), (85, 100, 112)],
+    "bus": [(215, 190, 55), (185, 45, 40)], "train": [(175, 178, 168)], "moto": [(38, 38, 45)],
+    "bike": [(45, 48, 55)], "ground": [(115, 105, 90)], "parking": [(120, 110, 105)], "rail": [(80, 72, 65)],
+    "guard": [(165, 170, 170)], "static": [(90, 85, 80)], "caravan": [(210, 205, 195)], "ego": [(35, 38, 45)],
+}
+
+
+@dataclass(frozen=True)
+class _Style:
+    colours: dict
+    jitter: float          # per-instance colour spread
+    horizon: tuple         # horizon row as a fraction of the height
+    focal: float           # focal length as a fraction of the width
+    cam_h: tuple           # camera height in metres
+    traffic: tuple         # moving vehicles per frame
+    parked: float          # chance of a parked car every ~6 m of curb
+    persons: tuple
+    ego: float             # chance the ego hood is visible
+    photo: bool            # texture, cast, vignetting, blur, sensor noise
+
+
+_GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, False)
+_CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.6, (3, 10), 0.8, True)
+
+# (width, height, length, glass band as fractions of the height, wheel radius), metres.
+_VEHICLES = {"car": (1.8, 1.5, 4.3, (0.6, 0.92), 0.32), "truck": (2.5, 3.6, 8.0, (0.0, 0.0), 0.5),
+             "bus": (2.55, 3.1, 12.0, (0.45, 0.85), 0.5), "train": (2.65, 3.4, 28.0, (0.45, 0.8), 0.42),
+             "caravan": (2.3, 2.6, 6.0, (0.5, 0.7), 0.35)}
+# Photo texture amplitude per label id: real asphalt and foliage are grainy, the overcast sky is smooth.
+_TEXTURE = np.full(256, 0.06, np.float32)
+_TEXTURE[[ROAD, SIDEWALK, PARKING, GROUND]], _TEXTURE[[VEG, TERRAIN]], _TEXTURE[[BUILDING, WALL]] = 0.09, 0.2, 0.1
+_TEXTURE[SKY] = 0.02
+
+
+class _Canvas:
+    """An RGB image and a label-id map drawn together: every shape goes to both with the same pixels."""
+
+    def __init__(self, w: int, h: int, style: _Style, rng: np.random.Generator):
+        self.w, self.h, self.st, self.rng = w, h, style, rng
+        self.f = style.focal * w
+        self.cx, self.cy = w * rng.uniform(0.42, 0.58), h * rng.uniform(*style.horizon)
+        self.cam = rng.uniform(*style.cam_h)
+        self.img = np.zeros((h, w, 3), np.uint8)
+        self.lab = np.zeros((h, w), np.uint8)
+
+    def colour(self, material: str, shade: float = 1.0) -> tuple:
+        variants = self.st.colours[material]
+        base = np.asarray(variants[self.rng.integers(len(variants))], np.float64)
+        return tuple(int(v) for v in np.clip((base + self.rng.normal(0, self.st.jitter, 3)) * shade, 0, 255))
+
+    def px(self, x, y, z) -> np.ndarray:
+        """World (x right, y up, z ahead; metres) to pixel coordinates, shape (..., 2)."""
+        z = np.maximum(np.asarray(z, np.float64), 0.3)
+        return np.stack(np.broadcast_arrays(self.cx + self.f * np.asarray(x) / z,
+                                            self.cy + self.f * (self.cam - np.asarray(y)) / z), -1)
+
+    def _paint(self, paint, lid: int | None, col: tuple, on: int | None) -> None:
+        """Run paint(target, value) on the image and the label, antialiasing off: identical pixel sets.
+
+        lid None decorates the image only (windows, lane marks, lamps: same class), and only over pixels
+        labelled `on`, so a decoration never leaks a pixel onto another class where rounding differs.
+        """
+        if lid is not None:
+            paint(self.img, col)
+            paint(self.lab, lid)
+        else:
+            mask = np.zeros_like(self.lab)
+            paint(mask, 1)
+            self.img[(mask > 0) & (self.lab == on)] = col
+
+    def polys(self, pts, lid, col, on=None) -> None:
+        """Fill polygons given in pixel coordinates."""
+        pts = [np.round(p).astype(np.int32).reshape(-1, 2) for p in pts]
+        if pts:
+            self._paint(lambda target, v: cv2.fillPoly(target, pts, v, cv2.LINE_8), lid, col, on)
+
+    def ground(self, x0, x1, z0, z1, lid, col, on=None) -> None:
+        self.polys([self.px([x0, x1, x1, x0], 0, [z0, z0, z1, z1])], lid, col, on)
+
+    def side(self, x, y0, y1, z0, z1, lid, col) -> None:
+        """A vertical plane along the street (facade, wall, vehicle flank) at lateral position x."""
+        self.polys([self.px(x, [y0, y1, y1, y0], [z0, z0, z1, z1])], lid, col)
+
+    def rect(self, x0, x1, y0, y1, z, lid, col, min_px: int = 1, on=None) -> None:
+        """A camera-facing rectangle; at least min_px wide so thin poles survive small frames."""
+        (a, top), (b, bot) = self.px(x0, y1, z), self.px(x1, y0, z)
+        if b - a < min_px:
+            a, b = (a + b - min_px) / 2, (a + b + min_px) / 2
+        self.polys([np.array([[a, top], [b - 1, top], [b - 1, bot - 1], [a, bot - 1]])], lid, col, on)
+
+    def ellipse(self, x, y, z, rx, ry, lid, col, thick: float | None = None, on=None) -> None:
+        """A camera-facing ellipse, filled or (thick metres) an outline: heads, crowns, wheels, signs."""
+        (u, v), s = self.px(x, y, z), self.f / z
+        t = -1 if thick is None else max(1, int(round(thick * s)))
+        centre, axes = (int(round(u)), int(round(v))), (max(1, int(rx * s)), max(1, int(ry * s)))
+        self._paint(lambda target, val: cv2.ellipse(target, centre, axes, 0, 0, 360, val, t, cv2.LINE_8), lid, col, on)
+
+    def line(self, p, q, z, thick, lid, col) -> None:
+        a, b = (tuple(np.round(self.px(*pt, z)).astype(int).tolist()) for pt in (p, q))
+        t = max(1, int(round(thick * self.f / z)))
+        self._paint(lambda target, v: cv2.line(target, a, b, v, t, cv2.LINE_8), lid, col, None)
+
+
+def _street(c: _Canvas) -> dict:
+    """Sky, the skyline closing the street, then the ground: road, lane marks, parking, sidewalks, terrain."""
+    rng, z1 = c.rng, c.rng.uniform(45, 90)
+    # lane boundaries in metres; the camera drives in the lane between -1.75 and 1.75
+    lanes = [-1.75 - 3.5 * k for k in range(rng.integers(0, 3), -1, -1)] + [1.75 + 3.5 * k for k in
+                                                                           range(rng.integers(0, 2) + 1)]
+    xl, xr = lanes[0], lanes[-1]
+    lay = {"z_end": z1, "lanes": [(a + b) / 2 for a, b in zip(lanes, lanes[1:])]}
+    c.img[:], c.lab[:] = c.colour("sky"), SKY
+    for x in np.arange(-80, 80, 12):  # skyline closing the street: blocks and tree groups
+        if rng.random() < 0.7:
+            c.rect(x, x + rng.uniform(10, 16), 0, rng.uniform(4, 30), z1, BUILDING, c.colour("building"))
+        else:
+            c.ellipse(x + 6, 0, z1, 7, rng.uniform(5, 10), VEG, c.colour("veg"))
+    c.ground(-300, 300, 0.5, z1, GROUND, c.colour("ground"))
+    c.ground(xl, xr, 0.5, z1, ROAD, c.colour("road"))
+    lane_col = c.colour("lane")
+    dash = [c.px([x - .08, x + .08, x + .08, x - .08], 0, [z, z, z + 3, z + 3])
+            for x in lanes[1:-1] for z in np.arange(rng.uniform(1, 9), z1 - 3, 9)]
+    edge = [c.px([x - .1, x + .1, x + .1, x - .1], 0, [0.5, 0.5, z1, z1]) for x in (xl + .3, xr - .3)]
+    c.polys(dash + edge, None, lane_col, on=ROAD)
+    if rng.random() < 0.3:  # zebra crossing
+        zc = rng.uniform(6, 20)
+        c.polys([c.px([x, x + .5, x + .5, x], 0, [zc, zc, zc + 3, zc + 3]) for x in np.arange(xl, xr - .5, 1)],
+                None, lane_col, on=ROAD)
+    if rng.random() < 0.15:  # tram tracks in the leftmost lane, and a tram on them (train is a rare class)
+        lay["tram"] = lay["lanes"][0]
+        c.ground(lay["tram"] - .85, lay["tram"] + .85, 0.5, z1, RAIL, c.colour("rail"))
+    if rng.random() < 0.3:  # a parking lane (void) between road and sidewalk
+        c.ground(xr, xr + 2.3, 0.5, z1, PARKING, c.colour("parking"))
+        xr += 2.3
+    lay["curb"] = (xl, xr)
+    for s, x in ((-1, xl), (1, xr)):
+        walk = rng.uniform(2.5, 5.5)
+        c.ground(x, x + s * walk, 0.5, z1, SIDEWALK, c.colour("sidewalk"))
+        c.ground(x, x + s * 0.25, 0.5, z1, None, c.colour("curb"), on=SIDEWALK)
+        strip = rng.uniform(2, 8) if rng.random() < 0.5 else 0.0
+        if strip:
+            c.ground(x + s * walk, x + s * (walk + strip), 0.5, z1, TERRAIN, c.colour("terrain"))
+        lay[s] = (x + s * walk, x + s * (walk + strip))
+    return lay
+
+
+def _facades(c: _Canvas, lay: dict) -> None:
+    """Buildings with windows along both sides, walls/fences/hedges/guard rails along the sidewalks."""
+    rng, z1 = c.rng, lay["z_end"]
+    for s in (-1, 1):
+        xf, z = lay[s][1] + s * (rng.uniform(0, 3) if rng.random() < 0.3 else 0.0), 0.5
+        while z < z1:
+            length, height = rng.uniform(8, 30), rng.uniform(6, 28)
+            if rng.random() > 0.15:  # else a gap between buildings
+                c.side(xf, 0, height, z, z + length, BUILDING, c.colour("building"))
+                zz, yy = np.meshgrid(np.arange(z + 1, z + length - 1.5, 3.5), np.arange(2.5, height - 1.7, 3.2))
+                zz, yy = zz.ravel()[:, None], yy.ravel()[:, None]
+                c.polys(c.px(xf, yy + [0, 1.6, 1.6, 0], zz + [0, 0, 1.4, 1.4]), None, c.colour("window"), on=BUILDING)
+            z += length
+        for _ in range(rng.integers(0, 3)):  # low structures along the sidewalk's outer edge
+            za = rng.uniform(1, z1 * 0.6)
+            lid, mat, hgt = [(WALL, "wall", 2.0), (FENCE, "fence", 1.6), (VEG, "veg", 1.3),
+                             (GUARD_RAIL, "guard", 0.9)][rng.integers(4)]
+            x, zb, hgt = lay[s][0], za + rng.uniform(6, 25), hgt * rng.uniform(0.8, 1.3)
+            c.side(x, 0, hgt, za, zb, lid, c.colour(mat))
+            if lid == FENCE:  # slats: image only, the label covers the whole fence as in Cityscapes
+                col = c.colour("fence", 0.6)
+                c.polys([c.px(x, [0, hgt, hgt, 0], [q, q, q + .12, q + .12]) for q in np.arange(za, zb - .12, .5)],
+                        None, col, on=FENCE)
+
+
+def _vehicle(c: _Canvas, x: float, z: float, kind: str, lid: int) -> None:
+    w, h, length, (g0, g1), r = _VEHICLES[kind]
+    body, glass, tire = c.colour(kind), c.colour("glass"), c.colour("tire")
+    flank, back = x - np.sign(x) * w / 2, c.colour(kind, 0.9)
+    if kind == "car":  # sloped cabin silhouette on the flank, cabin set back on the rear face
+        zs = z + length * np.array([0, 0, .22, .33, .75, .88, 1, 1])
+        ys = h * np.array([.2, .6, .62, 1, 1, .62, .6, .2])
+        c.polys([c.px(flank, ys, zs)], lid, c.colour(kind, 0.75))
+        c.polys([c.px(flank, h * np.array([.64, .94, .94, .64]), z + length * np.array([.25, .35, .73, .85]))],
+                lid, glass)
+        c.rect(x - .42 * w, x + .42 * w, .6 * h, h, z + .25 * length, lid, back)
+        c.rect(x - .36 * w, x + .36 * w, g0 * h, g1 * h - .05, z + .24 * length, lid, glass)
+        top = .62 * h
+    else:
+        c.side(flank, .3, h, z, z + length, lid, c.colour(kind, 0.75))
+        if g1 > 0:
+            c.side(flank, g0 * h, g1 * h, z + 1, z + length - 1, lid, glass)
+        top = h
+    for zw in (z + .15 * length, z + .85 * length - 2 * r):
+        c.side(flank, 0, 2 * r, zw, zw + 2 * r, lid, tire)
+    c.rect(x - w / 2 + .1, x + w / 2 - .1, 0, .4, z, lid, tire)
+    c.rect(x - w / 2, x + w / 2, .3, top, z, lid, body)
+    if kind != "car" and g1 > 0:
+        c.rect(x - .4 * w, x + .4 * w, g0 * h, g1 * h, z, lid, glass)
+    lamp = (250, 250, 225) if x < -1.75 else (230, 20, 20)  # oncoming traffic shows headlights
+    for xa in (x - w / 2 + .05, x + w / 2 - .3):
+        c.rect(xa, xa + .25, .55 * top, .7 * top, z, None, lamp, on=lid)
+
+
+def _person(c: _Canvas, x: float, z: float, lid: int = PERSON, base: float = 0.0) -> None:
+    h = c.rng.uniform(1.55, 1.9)
+    pants, shirt = c.colour("cloth", 0.8), c.colour("cloth")
+    for dx in (-.11, .11):
+        c.rect(x + dx - .08, x + dx + .08, base, base + .48 * h, z, lid, pants)
+    c.rect(x - .22, x + .22, base + .45 * h, base + .83 * h, z, lid, shirt)
+    c.ellipse(x, base + .9 * h, z, .07 * h, .09 * h, lid, c.colour("skin"))
+
+
+def _two_wheeler(c: _Canvas, x: float, z: float, moto: bool, rider: bool) -> None:
+    """Side view: wheels, frame (or tank), and a rider on the saddle."""
+    d, lid = c.rng.choice([-1, 1]), MOTO if moto else BIKE
+    col, tire = c.colour("moto" if moto else "bike"), c.colour("tire")
+    rear, front, seat = (x - d * .6, .34), (x + d * .6, .34), (x - d * .15, .95)
+    for hub in (rear, front):
+        c.ellipse(*hub, z, .34, .34, lid, tire, None if moto else .07)
+    if moto:
+        c.polys([c.px(x + d * np.array([-.5, .45, .35, -.3]), [.4, .45, .95, .9], z)], lid, col)
+    for p, q in ((rear, (x, .35)), (rear, seat), (seat, (x, .35)), (seat, (x + d * .4, 1.0)),
+                 ((x, .35), (x + d * .4, 1.0)), ((x + d * .4, 1.0), front), ((x + d * .4, 1.0), (x + d * .45, 1.15))):
+        c.line(p, q, z, .06, lid, col)
+    if rider:
+        _person(c, x - d * .1, z - .05, RIDER, base=.1)
+
+
+def _pole(c: _Canvas, x: float, z: float, s: int) -> None:
+    """A plain pole, a street lamp, a traffic light (on top or hanging over the road) or a sign."""
+    rng, kind = c.rng, c.rng.choice(["light", "sign", "sign", "lamp", "plain"])
+    top = {"light": rng.uniform(3, 6), "sign": rng.uniform(2.2, 3.2), "lamp": rng.uniform(6, 8)}.get(kind, 4)
+    c.rect(x - .1, x + .1, 0, top, z, POLE, c.colour("pole"), min_px=2)
+    if kind == "lamp" or (kind == "light" and top > 4.5):
+        tip = x - s * rng.uniform(2, 4)
+        c.line((x, top), (tip, top), z, .12, POLE, c.colour("pole"))
+        if kind == "lamp":
+            c.rect(tip - .3, tip + .3, top - .25, top, z, POLE, c.colour("pole", 1.2))
+            return
+        x = tip
+    if kind == "light":
+        c.rect(x - .22, x + .22, top - 1.0, top, z, LIGHT, c.colour("light"), min_px=2)
+        lit = rng.integers(3)
+        if .09 * c.f / z >= 1:  # the lit lamp, only where it fits inside the box
+            c.ellipse(x, top - .25 - .25 * lit, z, .09, .09, None, _LAMPS[lit], on=LIGHT)
+    elif kind == "sign":
+        col, face = c.colour("sign"), c.colour("sign_face")
+        if rng.random() < 0.5:
+            c.ellipse(x, top, z, .38, .38, SIGN, col)
+            if .22 * c.f / z >= 2:
+                c.ellipse(x, top, z, .22, .22, None, face, on=SIGN)
+        else:
+            c.rect(x - .35, x + .35, top - .35, top + .35, z, SIGN, col, min_px=2)
+
+
+def _tree(c: _Canvas, x: float, z: float) -> None:
+    r = c.rng.uniform(1.4, 2.6)
+    c.rect(x - .15, x + .15, 0, 3, z, VEG, c.colour("trunk"), min_px=2)
+    for dx, dy in ((0, 3.2 + r * .6), (-r * .5, 3 + r * .3), (r * .5, 3 + r * .3)):
+        c.ellipse(x + dx, dy, z, r * .8, r * .7, VEG, c.colour("veg"))
+
+
+def _things(c: _Canvas, lay: dict) -> list:
+    """Everything standing on the street, as (depth, draw) so the caller paints far to near."""
+    rng, st, z1, things = c.rng, c.st, lay["z_end"], []
+    (xl, xr), used = lay["curb"], set()
+    for _ in range(rng.integers(*st.traffic)):
+        lane, z = rng.choice(lay["lanes"]), rng.uniform(5, z1 * 0.8)
+        if (lane, int(z // 14)) in used:  # keep vehicles in one lane apart
+            continue
+        used.add((lane, int(z // 14)))
+        kind, lid = [("car", CAR), ("truck", TRUCK), ("bus", BUS)][rng.choice(3, p=[.76, .12, .12])]
+        things.append((z, partial(_vehicle, c, lane + rng.uniform(-.3, .3), z, kind, lid)))
+    if "tram" in lay:
+        z = rng.uniform(8, 25)
+        things.append((z, partial(_vehicle, c, lay["tram"], z, "train", TRAIN)))
+    for z in np.arange(rng.uniform(2, 6), z1 * 0.7, 6.0):  # parked cars (caravans are void) along the right curb
+        if rng.random() < st.parked:
+            kind, lid = ("caravan", CARAVAN) if rng.random() < 0.06 else ("car", CAR)
+            things.append((z, partial(_vehicle, c, xr - 1.2, z, kind, lid)))
+    for _ in range(rng.integers(*st.persons)):
+        s = rng.choice([-1, 1])
+        a, b = (xr, lay[1][0]) if s > 0 else (lay[-1][0], xl)
+        z = rng.uniform(3, 35)
+        x = rng.uniform(a + .4, b - .4) if rng.random() < 0.85 else rng.uniform(xl, xr)
+        things.append((z, partial(_person, c, x, z)))
+    for _ in range(rng.integers(0, 3)):  # riders in the right lane, parked bicycles on the sidewalk
+        z, moto = rng.uniform(6, 22), rng.random() < 0.4
+        things.append((z, partial(_two_wheeler, c, xr - rng.uniform(.8, 2.5), z, moto, True)))
+    if rng.random() < 0.4:
+        z = rng.uniform(3, 15)
+        things.append((z, partial(_two_wheeler, c, xr + rng.uniform(.8, 2), z, False, False)))
+    for s, x in ((-1, xl), (1, xr)):
+        for z in np.arange(rng.uniform(3, 10), z1 * 0.8, rng.uniform(9, 16)):
+            things.append((z, partial(_pole, c, x + s * .5, z, s)))
+        for z in np.arange(rng.uniform(4, 12), z1 * 0.8, rng.uniform(7, 14)) if rng.random() < 0.6 else []:
+            things.append((z, partial(_tree, c, lay[s][0] + s * rng.uniform(-1.2, 1.2), z)))
+        if rng.random() < 0.5:  # a bin or box: static, or left unlabeled
+            z, lid = rng.uniform(3, 20), STATIC if rng.random() < 0.6 else UNLABELED
+            x0 = x + s * 1.5
+            things.append((z, partial(c.rect, x0 - .35, x0 + .35, 0, 1.0, z, lid, c.colour("static"))))
+    return things
+
+
+def _ego(c: _Canvas) -> None:
+    """The hood of the recording car, an ellipse rising from the bottom edge (void in both datasets)."""
+    rise = c.h * c.rng.uniform(0.06, 0.12)
+    centre, axes = (int(c.w * c.rng.uniform(.45, .55)), int(c.h + rise * 2)), (int(c.w * .8), int(rise * 3))
+    c._paint(lambda target, v: cv2.ellipse(target, centre, axes, 0, 0, 360, v, -1, cv2.LINE_8), EGO, c.colour("ego"), None)
+
+
+def _photo(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Make a flat render look like a camera frame: texture, overcast sky, colour cast, vignette, blur, noise."""
+    h, w = lab.shape
+    x = img.astype(np.float32)
+    low = cv2.resize(rng.standard_normal((h // 6 + 2, w // 6 + 2), np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    grain = rng.standard_normal((h, w), np.float32)
+    x *= (1 + _TEXTURE[lab] * (0.7 * low + 0.5 * grain))[..., None]
+    rows = np.linspace(1.08, 0.92, h, dtype=np.float32)[:, None, None]  # brighter sky overhead, haze lower
+    x = np.where((lab == SKY)[..., None], x * rows, x)
+    x *= (rng.uniform(0.9, 1.1, 3) * rng.uniform(0.82, 1.1)).astype(np.float32)
+    yy, xx = np.ogrid[-1:1:h * 1j, -1:1:w * 1j]
+    x *= (1 - rng.uniform(0.15, 0.35) * (xx ** 2 + yy ** 2) / 2).astype(np.float32)[..., None]
+    x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 0.9))
+    x += rng.normal(0, rng.uniform(2, 5), x.shape).astype(np.float32)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def _check(num: int, size: tuple[int, int]) -> None:
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    if len(size) != 2 or min(size) < 32:
+        raise ValueError(f"size {size} is too small to draw a street; give (width, height), each >= 32, e.g. (320, 176)")
+
+
+def _render(size: tuple[int, int], style: _Style, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    c = _Canvas(*size, style, rng)
+    lay = _street(c)
+    _facades(c, lay)
+    for _, draw in sorted(_things(c, lay), key=lambda t: -t[0]):
+        draw()
+    if rng.random() < style.ego:
+        _ego(c)
+    return (_photo(c.img, c.lab, rng) if style.photo else c.img), c.lab
+
+
+def _png(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array[..., ::-1] if array.ndim == 3 else array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok, "cv2 failed to encode a PNG"
+    return buf.tobytes()
+
+
+def _palette_png(lab: np.ndarray) -> bytes:
+    im, out = Image.frombytes("P", lab.shape[::-1], lab.tobytes()), io.BytesIO()
+    im.putpalette(label_id_palette())  # indices are label ids, colours as in the GTA5 release
+    im.save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def synth_gta5(out: str | Path, num: int, size: tuple[int, int] = (320, 176), seed: int = 0,
+               quirks: bool = True, progress: bool = False) -> int:
+    """Write `num` game-style frames as OUT/images/00001.png (RGB) + OUT/labels/00001.png (palette of label ids).
+
+    With quirks, frame i (0-based) whose i % QUIRK_PERIOD equals a phase drawn from the seed gets an image 2-4 px
+    wider than its label, like a handful of real GTA5 frames; the first one is always among the first 20.
+    """
+    _check(num, size)
+    out, phase = Path(out), int(np.random.default_rng([seed, 7919]).integers(QUIRK_PERIOD))
+    for i in tqdm(range(num), desc="synth gta5", disable=not progress):
+        rng = np.random.default_rng([seed, i, 5])
+        img, lab = _render(size, _GTA5, rng)
+        if quirks and i % QUIRK_PERIOD == phase:
+            img = cv2.resize(img, (img.shape[1] + int(rng.integers(2, 5)), img.shape[0]), interpolation=cv2.INTER_AREA)
+        atomic.write_bytes(out / "images" / f"{i + 1:05d}.png", _png(img))
+        atomic.write_bytes(out / "labels" / f"{i + 1:05d}.png", _palette_png(lab))
+    return num
+
+
+def synth_cityscapes(out: str | Path, split: str, num: int, size: tuple[int, int] = (320, 160), seed: int = 0,
+                     progress: bool = False) -> int:
+    """Write `num` photo-style frames of one split in the leftImg8bit/gtFine layout (labels: 8-bit label ids).
+
+    Frame i goes to city i % len(cities) with sequence number i // len(cities) and frame number 19 (the annotated
+    frame of every real Cityscapes snippet).
+    """
+    if split not in CITIES:
+        raise ValueError(f"unknown Cityscapes split {split!r}; choose one of {', '.join(CITIES)}")
+    _check(num, size)
+    out, cities = Path(out), CITIES[split]
+    for i in tqdm(range(num), desc=f"synth cityscapes {split}", disable=not progress):
+        img, lab = _render(size, _CITY, np.random.default_rng([seed, i, 1, list(CITIES).index(split)]))
+        city = cities[i % len(cities)]
+        name = f"{city}_{i // len(cities):06d}_{19:06d}"
+        atomic.write_bytes(out / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", _png(img))
+        atomic.write_bytes(out / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", _png(lab))
+    return num
