@@ -48,3 +48,34 @@ def s3_server(_moto_s3, monkeypatch, tmp_path):
     _moto_s3.faults = Faults()
     yield _moto_s3
     _moto_s3.faults = Faults()
+
+
+# ---- small real datasets, made once per session -----------------------------------------------------------
+
+def make_shards(root, dataset: str, split: str, num: int, size, shard_size: int, seed: int = 0):
+    """Synthetic raw frames -> real shards with the real creator; returns the manifest path."""
+    from segda.shards.encode import EncodeOptions
+    from segda.shards.synth import synth_cityscapes, synth_gta5
+    from segda.shards.writer import CreateOptions, create_shards, manifest_path
+
+    raw = root / f"raw-{dataset}-{split}"
+    if dataset == "gta5":
+        synth_gta5(raw, num, size=size, seed=seed)
+    else:
+        synth_cityscapes(raw, split, num, size=size, seed=seed)
+    out = root / f"shards-{dataset}"
+    create_shards(dataset, raw, out, EncodeOptions(dataset, split), CreateOptions(shard_size=shard_size),
+                  progress=False)
+    return manifest_path(out, split)
+
+
+@pytest.fixture(scope="session")
+def gta5_manifest(tmp_path_factory):
+    """~21 synthetic GTA5 frames (160x88) in uneven shards of <= 5 (one quirky frame is skipped)."""
+    return make_shards(tmp_path_factory.mktemp("gta5"), "gta5", "train", 22, (160, 88), 5)
+
+
+@pytest.fixture(scope="session")
+def cityscapes_manifest(tmp_path_factory):
+    """10 synthetic Cityscapes val frames (160x80) in 3 shards of 4, 4, 2."""
+    return make_shards(tmp_path_factory.mktemp("cityscapes"), "cityscapes", "val", 10, (160, 80), 4)

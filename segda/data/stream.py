@@ -132,13 +132,16 @@ class TrainStream(IterableDataset):
         counts = [s.num_samples for s in ds.shards]
         self.plans = planning.train_plan(counts, rank, world, cfg.workers, cfg.batch_size, seed, epoch)
         self.skip_batches = planning.batches_consumed([len(p.batch_sizes) for p in self.plans], start_step)
+        # torch's DataLoader always starts its round-robin at worker 0; the uninterrupted run would take the next
+        # batch from plan (start_step mod K), so DataLoader worker w serves plan (w + rotation) mod K.
+        self.rotation = start_step % len(self.plans)
 
     @property
     def num_batches(self) -> int:
         return sum(len(p.batch_sizes) - s for p, s in zip(self.plans, self.skip_batches))
 
     def __iter__(self):
-        worker = _worker_index()
+        worker = (_worker_index() + self.rotation) % len(self.plans)
         plan, skip = self.plans[worker], self.skip_batches[worker]
         reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
                              allow_pipe=self.cfg.allow_pipe)
