@@ -177,6 +177,10 @@ def _suggest(key: str, names: list[str], prefix: str) -> str:
 
 def _coerce(value, hint, dotted: str, source: str):
     origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, str):
+        value = _float_or_same(value)  # YAML 1.1 reads 6e-5 (no dot) as a string
+    if origin is list and isinstance(value, list) and typing.get_args(hint) == (float,):
+        value = [_float_or_same(v) if isinstance(v, str) else v for v in value]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -200,6 +204,13 @@ def _coerce(value, hint, dotted: str, source: str):
                 raise SegdaError(f"{source}: {dotted} must be {_type_name(hint)}, got {value!r}")
         return [float(v) for v in value] if item_type is float else list(value)
     return value
+
+
+def _float_or_same(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _type_name(hint) -> str:

@@ -289,6 +289,7 @@ class _Loop:
         final = self._evaluate() if self.val_ds is not None else {}
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
+        self.replicas_identical = self._replicas_identical(model)
         if acc.is_main_process:
             if self.stage == "pretrain":
                 save_model(model, self.out / "model")
@@ -304,6 +305,15 @@ class _Loop:
         acc.end_training()
         return summary
 
+    def _replicas_identical(self, model) -> bool:
+        """DDP must keep every rank's weights equal: compare a checksum of the trainable tensors across ranks."""
+        if self.acc.num_processes == 1:
+            return True
+        with torch.no_grad():
+            local = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+        sums = self.acc.gather(local.reshape(1).to(self.acc.device))
+        return bool((sums == sums[0]).all())
+
     def _summary(self, status: str, wall: float = 0.0, final: dict | None = None) -> dict:
         model = self.acc.unwrap_model(self.model)
         return {
@@ -314,7 +324,8 @@ class _Loop:
             "total_parameters": count_parameters(model), "train_samples_per_epoch": self.train_ds.num_samples,
             "throughput_img_per_s": self.images / max(self.train_seconds, 1e-9), "wall_seconds": wall,
             "train_seconds": self.train_seconds, "nonfinite_steps_skipped": self.nonfinite_skipped,
-            "best": self.best, "final": final or {}, **run_info(),
+            "best": self.best, "final": final or {}, "images_seen": self.images,
+            "replicas_identical": getattr(self, "replicas_identical", None), **run_info(),
         }
 
 

@@ -268,3 +268,18 @@ def test_training_needs_counts_and_says_how(cityscapes_manifest):
     ds = resolve_dataset(str(cityscapes_manifest.parent / "val-{000000..000002}.tar"))
     with pytest.raises(SegdaError, match="manifest"):
         train_loader(ds, cfg(), rank=0, world=1, seed=0, epoch=0)
+
+
+@pytest.mark.slow
+def test_real_two_process_accelerate_launch_splits_exactly(gta5_manifest, tmp_path):
+    from helpers import accelerate_launch
+
+    accelerate_launch(Path(__file__).parent / "stream_probe.py", gta5_manifest, tmp_path, module=False)
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == ranks[0]["planned"] > 0
+    trained = [k for r in ranks for batch in r["train"] for k in batch]
+    all_keys = manifest_keys(gta5_manifest)
+    assert len(trained) == len(set(trained)) == len(all_keys) - len(all_keys) % 2
+    evaluated = [k for r in ranks for k in r["eval"]]
+    assert sorted(evaluated) == sorted(all_keys)

@@ -250,8 +250,11 @@ def _eval_batch(batch: list[tuple], reader: ShardReader) -> dict:
 
 def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     # batch_size=None: batches are built inside the workers; the DataLoader only moves them.
+    # Its own generator: starting an iterator draws a seed, and drawing it from the global RNG would shift the
+    # model's dropout randomness whenever a run resumes mid-epoch (an extra loader start), breaking exact resume.
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def train_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, epoch: int,

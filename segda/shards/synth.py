@@ -72,14 +72,14 @@ class _Style:
     focal: float           # focal length as a fraction of the width
     cam_h: tuple           # camera height in metres
     traffic: tuple         # moving vehicles per frame
-    parked: float          # chance of a parked car every ~6 m of curb
+    parking: float         # chance of a parking lane (full of parked cars) along the right curb
     persons: tuple
     ego: float             # chance the ego hood is visible
     photo: bool            # texture, cast, vignetting, blur, sensor noise
 
 
 _GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, False)
-_CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.6, (3, 10), 0.8, True)
+_CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, True)
 
 # (width, height, length, glass band as fractions of the height, wheel radius), metres.
 _VEHICLES = {"car": (1.8, 1.5, 4.3, (0.6, 0.92), 0.32), "truck": (2.5, 3.6, 8.0, (0.0, 0.0), 0.5),
@@ -113,7 +113,7 @@ class _Canvas:
         return np.stack(np.broadcast_arrays(self.cx + self.f * np.asarray(x) / z,
                                             self.cy + self.f * (self.cam - np.asarray(y)) / z), -1)
 
-    def _paint(self, paint, lid: int | None, col: tuple, on: int | None) -> None:
+    def paint(self, paint, lid: int | None, col: tuple, on: int | None = None) -> None:
         """Run paint(target, value) on the image and the label, antialiasing off: identical pixel sets.
 
         lid None decorates the image only (windows, lane marks, lamps: same class), and only over pixels
@@ -131,7 +131,7 @@ class _Canvas:
         """Fill polygons given in pixel coordinates."""
         pts = [np.round(p).astype(np.int32).reshape(-1, 2) for p in pts]
         if pts:
-            self._paint(lambda target, v: cv2.fillPoly(target, pts, v, cv2.LINE_8), lid, col, on)
+            self.paint(lambda target, v: cv2.fillPoly(target, pts, v, cv2.LINE_8), lid, col, on)
 
     def ground(self, x0, x1, z0, z1, lid, col, on=None) -> None:
         self.polys([self.px([x0, x1, x1, x0], 0, [z0, z0, z1, z1])], lid, col, on)
@@ -152,28 +152,33 @@ class _Canvas:
         (u, v), s = self.px(x, y, z), self.f / z
         t = -1 if thick is None else max(1, int(round(thick * s)))
         centre, axes = (int(round(u)), int(round(v))), (max(1, int(rx * s)), max(1, int(ry * s)))
-        self._paint(lambda target, val: cv2.ellipse(target, centre, axes, 0, 0, 360, val, t, cv2.LINE_8), lid, col, on)
+        self.paint(lambda target, val: cv2.ellipse(target, centre, axes, 0, 0, 360, val, t, cv2.LINE_8), lid, col, on)
 
     def line(self, p, q, z, thick, lid, col) -> None:
         a, b = (tuple(np.round(self.px(*pt, z)).astype(int).tolist()) for pt in (p, q))
         t = max(1, int(round(thick * self.f / z)))
-        self._paint(lambda target, v: cv2.line(target, a, b, v, t, cv2.LINE_8), lid, col, None)
+        self.paint(lambda target, v: cv2.line(target, a, b, v, t, cv2.LINE_8), lid, col)
+
+
+def _skyline(c: _Canvas, z: float) -> None:
+    """Sky, then blocks and tree groups closing the street at depth z; drawn first as the farthest things."""
+    c.img[:], c.lab[:] = c.colour("sky"), SKY
+    for x in np.arange(-80, 80, 12):
+        if c.rng.random() < 0.7:
+            c.rect(x, x + c.rng.uniform(10, 16), 0, c.rng.uniform(4, 30), z, BUILDING, c.colour("building"))
+        else:  # the ground plane drawn next hides the lower half of the mound
+            c.ellipse(x + 6, 0, z, 7, c.rng.uniform(5, 10), VEG, c.colour("veg"))
 
 
 def _street(c: _Canvas) -> dict:
-    """Sky, the skyline closing the street, then the ground: road, lane marks, parking, sidewalks, terrain."""
+    """The skyline, then the ground: road, lane marks, tram tracks, parking, sidewalks, terrain strips."""
     rng, z1 = c.rng, c.rng.uniform(45, 90)
     # lane boundaries in metres; the camera drives in the lane between -1.75 and 1.75
     lanes = [-1.75 - 3.5 * k for k in range(rng.integers(0, 3), -1, -1)] + [1.75 + 3.5 * k for k in
                                                                            range(rng.integers(0, 2) + 1)]
     xl, xr = lanes[0], lanes[-1]
     lay = {"z_end": z1, "lanes": [(a + b) / 2 for a, b in zip(lanes, lanes[1:])]}
-    c.img[:], c.lab[:] = c.colour("sky"), SKY
-    for x in np.arange(-80, 80, 12):  # skyline closing the street: blocks and tree groups
-        if rng.random() < 0.7:
-            c.rect(x, x + rng.uniform(10, 16), 0, rng.uniform(4, 30), z1, BUILDING, c.colour("building"))
-        else:
-            c.ellipse(x + 6, 0, z1, 7, rng.uniform(5, 10), VEG, c.colour("veg"))
+    _skyline(c, z1)
     c.ground(-300, 300, 0.5, z1, GROUND, c.colour("ground"))
     c.ground(xl, xr, 0.5, z1, ROAD, c.colour("road"))
     lane_col = c.colour("lane")
@@ -188,7 +193,8 @@ def _street(c: _Canvas) -> dict:
     if rng.random() < 0.15:  # tram tracks in the leftmost lane, and a tram on them (train is a rare class)
         lay["tram"] = lay["lanes"][0]
         c.ground(lay["tram"] - .85, lay["tram"] + .85, 0.5, z1, RAIL, c.colour("rail"))
-    if rng.random() < 0.3:  # a parking lane (void) between road and sidewalk
+    lay["parking"] = rng.random() < c.st.parking  # a void lane between road and sidewalk
+    if lay["parking"]:
         c.ground(xr, xr + 2.3, 0.5, z1, PARKING, c.colour("parking"))
         xr += 2.3
     lay["curb"] = (xl, xr)
@@ -316,24 +322,32 @@ def _tree(c: _Canvas, x: float, z: float) -> None:
         c.ellipse(x + dx, dy, z, r * .8, r * .7, VEG, c.colour("veg"))
 
 
-def _things(c: _Canvas, lay: dict) -> list:
-    """Everything standing on the street, as (depth, draw) so the caller paints far to near."""
-    rng, st, z1, things = c.rng, c.st, lay["z_end"], []
-    (xl, xr), used = lay["curb"], set()
-    for _ in range(rng.integers(*st.traffic)):
-        lane, z = rng.choice(lay["lanes"]), rng.uniform(5, z1 * 0.8)
-        if (lane, int(z // 14)) in used:  # keep vehicles in one lane apart
-            continue
-        used.add((lane, int(z // 14)))
-        kind, lid = [("car", CAR), ("truck", TRUCK), ("bus", BUS)][rng.choice(3, p=[.76, .12, .12])]
-        things.append((z, partial(_vehicle, c, lane + rng.uniform(-.3, .3), z, kind, lid)))
+def _traffic(c: _Canvas, lay: dict) -> list:
+    """Moving vehicles in the lanes, a tram on its tracks, cars and caravans in the parking lane."""
+    rng, z1, xr, things, used = c.rng, lay["z_end"], lay["curb"][1], [], []
     if "tram" in lay:
         z = rng.uniform(8, 25)
         things.append((z, partial(_vehicle, c, lay["tram"], z, "train", TRAIN)))
-    for z in np.arange(rng.uniform(2, 6), z1 * 0.7, 6.0):  # parked cars (caravans are void) along the right curb
-        if rng.random() < st.parked:
+        used.append((lay["tram"], z, z + _VEHICLES["train"][2]))
+    for _ in range(rng.integers(*c.st.traffic)):
+        lane, z = rng.choice(lay["lanes"]), rng.uniform(7, z1 * 0.8)
+        kind, lid = [("car", CAR), ("truck", TRUCK), ("bus", BUS)][rng.choice(3, p=[.76, .12, .12])]
+        end = z + _VEHICLES[kind][2]
+        if any(lane == other and z < b + 3 and a < end + 3 for other, a, b in used):  # no pile-ups
+            continue
+        used.append((lane, z, end))
+        things.append((z, partial(_vehicle, c, lane + rng.uniform(-.3, .3), z, kind, lid)))
+    for z in np.arange(rng.uniform(2, 6), z1 * 0.7, 6.0) if lay["parking"] else []:  # caravans are void
+        if rng.random() < 0.6:
             kind, lid = ("caravan", CARAVAN) if rng.random() < 0.06 else ("car", CAR)
             things.append((z, partial(_vehicle, c, xr - 1.2, z, kind, lid)))
+    return things
+
+
+def _things(c: _Canvas, lay: dict) -> list:
+    """Everything standing on the street, as (depth, draw) so the caller paints far to near."""
+    rng, st, z1, things = c.rng, c.st, lay["z_end"], _traffic(c, lay)
+    xl, xr = lay["curb"]
     for _ in range(rng.integers(*st.persons)):
         s = rng.choice([-1, 1])
         a, b = (xr, lay[1][0]) if s > 0 else (lay[-1][0], xl)
@@ -362,7 +376,7 @@ def _ego(c: _Canvas) -> None:
     """The hood of the recording car, an ellipse rising from the bottom edge (void in both datasets)."""
     rise = c.h * c.rng.uniform(0.06, 0.12)
     centre, axes = (int(c.w * c.rng.uniform(.45, .55)), int(c.h + rise * 2)), (int(c.w * .8), int(rise * 3))
-    c._paint(lambda target, v: cv2.ellipse(target, centre, axes, 0, 0, 360, v, -1, cv2.LINE_8), EGO, c.colour("ego"), None)
+    c.paint(lambda target, v: cv2.ellipse(target, centre, axes, 0, 0, 360, v, -1, cv2.LINE_8), EGO, c.colour("ego"))
 
 
 def _photo(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -386,7 +400,7 @@ def _check(num: int, size: tuple[int, int]) -> None:
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
     if len(size) != 2 or min(size) < 32:
-        raise ValueError(f"size {size} is too small to draw a street; give (width, height), each >= 32, e.g. (320, 176)")
+        raise ValueError(f"size {size} cannot hold a street scene: give (width, height), each >= 32, e.g. (320, 176)")
 
 
 def _render(size: tuple[int, int], style: _Style, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -73,6 +73,9 @@ def create_shards(dataset: str, root: str | Path, out: str | Path, encode: Encod
     records = _write_all(plan, out, parts, encode, opts, fingerprint, progress)
     seconds = time.perf_counter() - start
     manifest = _manifest(dataset, root, encode, opts, records, orphans)
+    if manifest["num_samples"] == 0:
+        raise SegdaError(f"every sample under {root} was skipped ({manifest['num_skipped']} problems, see the "
+                         "warnings above): no manifest written")
     atomic.write_json(manifest_path(out, encode.split), manifest)
     shutil.rmtree(parts, ignore_errors=True)
     _summary(manifest, out, seconds)

@@ -1,0 +1,47 @@
+"""Helpers for tests that run segda the way users do: the CLI in a subprocess, or under `accelerate launch`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY_MODEL = "model.config={hidden_sizes: [16, 32, 64, 128], decoder_hidden_size: 64}"
+"""A SegFormer of MiT-b0's structure at a quarter of its width: seconds per run on a CPU."""
+
+
+def cpu_env(**extra) -> dict:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def segda(*args, timeout: int = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "segda", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=cpu_env(), **popen)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"segda {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def launch_args(processes: int = 2, mixed_precision: str = "no", config_file: str | None = None) -> list[str]:
+    """`accelerate launch` for N CPU processes on one machine (`--cpu --num_processes 2` would run only one)."""
+    if config_file:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", "0"]
+
+
+def accelerate_launch(*args, processes: int = 2, mixed_precision: str = "no", config_file: str | None = None,
+                      timeout: int = 300, module: bool = True) -> subprocess.CompletedProcess:
+    cmd = launch_args(processes, mixed_precision, config_file) + (["-m", "segda"] if module else []) + list(
+        map(str, args))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cpu_env())
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,26 @@
+"""Run under `accelerate launch`: each rank streams one training epoch and its evaluation share, writes keys.
+
+    accelerate launch ... tests/stream_probe.py MANIFEST OUT_DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from segda.config import DataConfig
+from segda.data.datasets import resolve_dataset
+from segda.data.stream import eval_loader, train_loader
+
+manifest, out = sys.argv[1], Path(sys.argv[2])
+acc = Accelerator(cpu=True)
+cfg = DataConfig(batch_size=2, workers=2, crop_size=[32, 32], base_size=[160, 88])
+ds = resolve_dataset(manifest)
+loader, n = train_loader(ds, cfg, rank=acc.process_index, world=acc.num_processes, seed=0, epoch=0)
+train = [batch["key"] for batch in loader]
+evaluated = [k for b in eval_loader(ds, cfg, rank=acc.process_index, world=acc.num_processes, batch_size=3)
+             for k in b["key"]]
+out.mkdir(parents=True, exist_ok=True)
+(out / f"rank-{acc.process_index}.json").write_text(json.dumps(
+    {"world": acc.num_processes, "planned": n, "train": train, "eval": evaluated}))

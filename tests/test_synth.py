@@ -1,0 +1,166 @@
+"""The synthetic street generators: raw layouts, class coverage, determinism, the GTA5 size quirk, a real domain gap."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segda.classes import IGNORE, NUM_CLASSES, label_id_lut, label_id_palette
+from segda.shards.synth import CITIES, synth_cityscapes, synth_gta5
+
+GTA5_SIZE, CITY_SIZE = (160, 88), (160, 80)
+LUT = label_id_lut()
+VOID_IDS = {0, 1, 4, 6, 9, 10, 14, 29}
+CITY_NAME = re.compile(r"^([a-z]+)_(\d{6})_(\d{6})_leftImg8bit\.png$")
+
+
+def _gta5_pairs(root: Path) -> list[tuple[Path, Path]]:
+    return [(p, root / "labels" / p.name) for p in sorted((root / "images").glob("*.png"))]
+
+
+def _city_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
+    images = sorted((root / "leftImg8bit" / split).glob("*/*.png"))
+    return [(p, root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+            for p in images]
+
+
+def _load(pairs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(RGB image cropped to the label, label ids) per frame; the crop absorbs the GTA5 size quirk."""
+    out = []
+    for image, label in pairs:
+        lab = np.array(Image.open(label))
+        out.append((np.array(Image.open(image).convert("RGB"))[: lab.shape[0], : lab.shape[1]], lab))
+    return out
+
+
+@pytest.fixture(scope="module")
+def gta5_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gta5")
+    assert synth_gta5(root, 40, GTA5_SIZE, seed=0) == 40
+    return root
+
+
+@pytest.fixture(scope="module")
+def city_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cityscapes")
+    assert synth_cityscapes(root, "train", 40, CITY_SIZE, seed=0) == 40
+    return root
+
+
+@pytest.fixture(scope="module")
+def frames(gta5_root, city_root) -> dict[str, list]:
+    return {"gta5": _load(_gta5_pairs(gta5_root)), "cityscapes": _load(_city_pairs(city_root, "train"))}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_gta5_layout_and_formats(gta5_root):
+    assert sorted(p.name for p in (gta5_root / "images").iterdir()) == [f"{i:05d}.png" for i in range(1, 41)]
+    assert sorted(p.name for p in (gta5_root / "labels").iterdir()) == [f"{i:05d}.png" for i in range(1, 41)]
+    for image, label in _gta5_pairs(gta5_root)[:5]:
+        with Image.open(image) as im, Image.open(label) as lab:
+            assert im.mode == "RGB"
+            assert lab.mode == "P", "GTA5 labels are palette PNGs whose indices are label ids"
+            assert lab.getpalette()[: 34 * 3] == label_id_palette()[: 34 * 3]
+            assert lab.size == GTA5_SIZE
+            assert np.array(lab).max() <= 33
+
+
+def test_cityscapes_layout_and_formats(city_root):
+    images = sorted((city_root / "leftImg8bit" / "train").glob("*/*"))
+    labels = sorted((city_root / "gtFine" / "train").glob("*/*"))
+    assert len(images) == len(labels) == 40
+    assert {p.parent.name for p in images} == set(CITIES["train"])
+    for image in images:
+        match = CITY_NAME.match(image.name)
+        assert match, f"{image.name} is not <city>_<seq:06d>_<frame:06d>_leftImg8bit.png"
+        assert match.group(1) == image.parent.name
+    for image, label in _city_pairs(city_root, "train")[:5]:
+        assert label.is_file(), f"{label} missing"
+        with Image.open(image) as im, Image.open(label) as lab:
+            assert (im.mode, lab.mode) == ("RGB", "L")
+            assert im.size == lab.size == CITY_SIZE
+
+
+def test_cityscapes_rejects_an_unknown_split(tmp_path):
+    with pytest.raises(ValueError, match="train, val, test"):
+        synth_cityscapes(tmp_path, "training", 1)
+
+
+@pytest.mark.parametrize("domain", ["gta5", "cityscapes"])
+def test_every_train_class_and_some_void_ids_occur(frames, domain):
+    ids = np.unique(np.concatenate([lab.ravel() for _, lab in frames[domain]]))
+    train_ids = set(LUT[ids].tolist())
+    assert set(range(NUM_CLASSES)) <= train_ids, f"missing train ids {set(range(NUM_CLASSES)) - train_ids}"
+    void = VOID_IDS & set(ids.tolist())
+    assert len(void) >= 4 and all(LUT[i] == IGNORE for i in void), void
+
+
+def test_gta5_labels_match_the_flat_render(tmp_path):
+    """No stray paint: in the noise-free game style each sky label is one colour, the road two (asphalt, paint)."""
+    synth_gta5(tmp_path, 20, GTA5_SIZE, seed=1, quirks=False)
+    for img, lab in _load(_gta5_pairs(tmp_path)):
+        assert len(np.unique(img[lab == 23], axis=0)) <= 1
+        assert len(np.unique(img[lab == 7], axis=0)) <= 2
+
+
+@pytest.mark.parametrize("domain", ["gta5", "cityscapes"])
+def test_same_seed_same_bytes_and_frames_do_not_depend_on_num(tmp_path, domain):
+    def make(name, num, seed):
+        if domain == "gta5":
+            synth_gta5(tmp_path / name, num, (96, 56), seed=seed)
+        else:
+            synth_cityscapes(tmp_path / name, "val", num, (96, 48), seed=seed)
+        return _files(tmp_path / name)
+
+    a, b, other, longer = make("a", 5, 0), make("b", 5, 0), make("c", 5, 1), make("d", 10, 0)
+    assert len(a) == 10 and a == b
+    assert all(a[k] != other[k] for k in a), "a different seed must give different frames"
+    assert {k: longer[k] for k in a} == a
+
+
+def test_gta5_size_quirk(tmp_path):
+    def widths(quirks):
+        root = tmp_path / str(quirks)
+        synth_gta5(root, 20, (96, 56), seed=3, quirks=quirks)
+        return [(Image.open(i).size, Image.open(lab).size) for i, lab in _gta5_pairs(root)]
+
+    odd = [(im, lab) for im, lab in widths(True) if im != lab]
+    assert len(odd) == 1, "one frame in 20 has an image wider than its label"
+    (iw, ih), (lw, lh) = odd[0]
+    assert ih == lh and 2 <= iw - lw <= 4
+    assert all(im == lab for im, lab in widths(False))
+
+
+def _class_means(pairs, classes) -> np.ndarray:
+    pix = np.concatenate([img.reshape(-1, 3) for img, _ in pairs]).astype(np.float32)
+    ids = LUT[np.concatenate([lab.ravel() for _, lab in pairs])]
+    return np.stack([pix[ids == k].mean(0) for k in classes])
+
+
+def _accuracy(means, pairs, classes) -> float:
+    pix = np.concatenate([img.reshape(-1, 3) for img, _ in pairs]).astype(np.float32)
+    ids = LUT[np.concatenate([lab.ravel() for _, lab in pairs])]
+    keep = np.isin(ids, classes)
+    pred = np.asarray(classes)[((pix[keep, None] - means[None]) ** 2).sum(-1).argmin(1)]
+    return float((pred == ids[keep]).mean())
+
+
+def test_domain_gap_is_large_and_cityscapes_stays_learnable(frames):
+    gta5, city = frames["gta5"], frames["cityscapes"]
+    road_sky = [0, 10]
+    assert np.linalg.norm(_class_means(gta5, road_sky) - _class_means(city, road_sky), axis=1).min() > 40
+    # A per-pixel nearest-class-mean colour classifier over the big classes (road, sidewalk, building,
+    # vegetation, sky, car): fitted on one half of a domain, scored on the other half and across.
+    big = [0, 1, 2, 8, 10, 13]
+    on_gta5 = _class_means(gta5[:20], big)
+    gta5_to_gta5, gta5_to_city = _accuracy(on_gta5, gta5[20:], big), _accuracy(on_gta5, city[20:], big)
+    city_to_city = _accuracy(_class_means(city[:20], big), city[20:], big)
+    assert gta5_to_gta5 - gta5_to_city > 0.3, (gta5_to_gta5, gta5_to_city)
+    assert city_to_city > 0.4, city_to_city

@@ -1,0 +1,200 @@
+"""The trainers: pretrain and adapt in one process and under a real 2-process accelerate launch, kill -9 and
+resume equality, the adapter's exact key set, plain-peft reload, the NaN guard and config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY_MODEL, accelerate_launch, cpu_env, segda
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
+
+
+def common(train_manifest, *extra) -> list[str]:
+    return ["--set", f"data.train={train_manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[64,64]",
+            "data.base_size=[160,88]", "data.eval_size=[160,88]", *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, gta5_manifest, cityscapes_manifest):
+    """One tiny pretrain run (1 process) shared by the adapt tests."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    segda("pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 4,
+          *common(gta5_manifest, f"data.val={cityscapes_manifest}", TINY_MODEL, "train.checkpoint_every=2"))
+    return out
+
+
+def test_pretrain_writes_a_transformers_model_and_run_records(pretrained):
+    from transformers import SegformerForSemanticSegmentation
+
+    model = SegformerForSemanticSegmentation.from_pretrained(pretrained / "model", use_safetensors=True)
+    assert model.config.num_labels == 19 and model.config.id2label[0] == "road"
+    assert not list((pretrained / "model").glob("*.bin"))
+    run = json.loads((pretrained / "run.json").read_text())
+    assert run["status"] == "done" and run["step"] == 4 and run["world_size"] == 1
+    assert run["images_seen"] == 4 * 2 and run["throughput_img_per_s"] > 0
+    assert 0 <= run["final"]["val_miou"] <= 1 and run["versions"]["transformers"].startswith("5.")
+    lines = [json.loads(x) for x in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in x for x in lines) and any("val_miou" in x for x in lines)
+    assert [p.name for p in (pretrained / "checkpoints").iterdir()] == ["step-000002"]
+
+
+def expected_adapter_keys(base_dir: Path, targets: list[str]) -> set[str]:
+    """Built from the base model's module names, independently of segda's adapter code."""
+    from transformers import SegformerForSemanticSegmentation
+
+    base = SegformerForSemanticSegmentation.from_pretrained(base_dir, use_safetensors=True)
+    keys = set()
+    for name, _ in base.named_modules():
+        if name.startswith("segformer.") and name.split(".")[-1] in targets:
+            keys |= {f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"}
+    for name in ("weight", "bias"):
+        keys.add(f"base_model.model.decode_head.classifier.{name}")
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        keys.add(f"base_model.model.decode_head.batch_norm.{name}")
+    return keys
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, pretrained, cityscapes_manifest):
+    out = tmp_path_factory.mktemp("adapt") / "run"
+    segda("adapt", DEMO / "adapt.yaml", "--out", out, "--max-steps", 3,
+          *common(cityscapes_manifest, f"model.name_or_path={pretrained / 'model'}", f"data.val={cityscapes_manifest}",
+                  "lora.dropout=0.1"))
+    return out
+
+
+def test_adapter_holds_exactly_the_lora_and_head_tensors(adapted, pretrained):
+    folder = adapted / "adapter"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "segda.json"]
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    assert set(saved) == expected_adapter_keys(pretrained / "model", targets)
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k), "LoRA B must have trained"
+    meta = json.loads((folder / "segda.json").read_text())
+    full = (pretrained / "model" / "model.safetensors").stat().st_size
+    assert (folder / "adapter_model.safetensors").stat().st_size < full / 2
+    assert meta["trainable_parameters"] == sum(v.numel() for k, v in saved.items()
+                                               if "running" not in k and "num_batches" not in k)
+
+
+def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, pretrained, cityscapes_manifest):
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import SegformerForSemanticSegmentation
+
+    from segda.adapters import load_adapted
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.evaluate import evaluate_model
+
+    base = SegformerForSemanticSegmentation.from_pretrained(pretrained / "model", use_safetensors=True)
+    plain = PeftModel.from_pretrained(base, str(adapted / "adapter")).eval()
+    ours = load_adapted(adapted / "adapter").eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(plain(pixel_values=x).logits, ours(pixel_values=x).logits)
+    # The adapter reproduces the trained model: the in-run final evaluation equals a fresh one from the files.
+    run = json.loads((adapted / "run.json").read_text())
+    data_cfg = DataConfig(workers=0, eval_size=[160, 88])
+    result = evaluate_model(ours, resolve_dataset(str(cityscapes_manifest)), data_cfg, Accelerator(cpu=True))
+    assert result["miou"] == pytest.approx(run["final"]["val_miou"], abs=1e-12)
+
+
+def test_adapt_refuses_a_missing_base_with_a_clear_error(tmp_path, cityscapes_manifest):
+    proc = segda("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "r", "--max-steps", 1,
+                 *common(cityscapes_manifest, f"model.name_or_path={tmp_path / 'nope'}"), check=False)
+    assert proc.returncode == 2 and "nope" in proc.stderr and "config.json" in proc.stderr
+
+
+def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
+    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "train.max_step=3",
+                 check=False)
+    assert proc.returncode == 2 and "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
+    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "lora.head=everything",
+                 check=False)
+    assert proc.returncode == 2 and "lora.head" in proc.stderr and "classifier+norm" in proc.stderr
+
+
+def test_every_shipped_yaml_loads():
+    from segda.config import load_config
+
+    shipped = sorted((DEMO.parent).rglob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        load_config(path)
+
+
+def test_loss_of_a_batch_without_valid_pixels_is_zero_not_nan():
+    from segda.model import segmentation_loss
+
+    logits = torch.randn(2, 19, 8, 8, requires_grad=True)
+    loss = segmentation_loss(logits, torch.full((2, 32, 32), 255, dtype=torch.uint8))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, gta5_manifest):
+    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--max-steps", 6,
+                 *common(gta5_manifest, TINY_MODEL, "optim.lr=1e30", "optim.warmup_steps=0",
+                         "optim.clip_grad_norm=0", "optim.head_lr_mult=1"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "non-finite loss" in proc.stderr and "--resume auto" in proc.stderr
+    assert not (tmp_path / "r" / "model").exists()
+
+
+def _final_tensors(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_and_resume_gives_the_uninterrupted_weights(tmp_path, gta5_manifest):
+    args = ["pretrain", str(DEMO / "pretrain.yaml"), "--max-steps", "12",
+            *common(gta5_manifest, TINY_MODEL, "train.checkpoint_every=3", "data.workers=2",
+                    "data.crop_size=[96,128]", "data.photometric=true")]
+    segda(*args[:2], "--out", tmp_path / "straight", *args[2:])
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "segda", *args[:2], "--out", str(victim), *args[2:]],
+                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim / "checkpoints" / "step-000006").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "model").exists(), "the run finished before the kill: the test proved nothing"
+    segda(*args[:2], "--out", victim, "--resume", "auto", *args[2:])
+    a, b = _final_tensors(tmp_path / "straight"), _final_tensors(victim)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= 1e-6, f"resumed weights differ by {worst}"
+    run, straight = (json.loads((d / "run.json").read_text()) for d in (victim, tmp_path / "straight"))
+    assert run["step"] == straight["step"] == 12 and run["images_seen"] == straight["images_seen"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_pretrain_and_adapt(tmp_path, gta5_manifest, cityscapes_manifest):
+    out = tmp_path / "ddp"
+    accelerate_launch("pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 4,
+                      *common(gta5_manifest, TINY_MODEL, "train.grad_accum=2"), mixed_precision="bf16")
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["mixed_precision"] == "bf16" and run["replicas_identical"] is True
+    # effective batch = batch_size x processes x grad_accum, every optimizer step
+    assert run["images_seen"] == 4 * 2 * 2 * 2
+    adapt = tmp_path / "ddp-lora"
+    accelerate_launch("adapt", DEMO / "adapt.yaml", "--out", adapt, "--max-steps", 3,
+                      *common(cityscapes_manifest, f"model.name_or_path={out / 'model'}"))
+    run = json.loads((adapt / "run.json").read_text())
+    assert run["world_size"] == 2 and run["replicas_identical"] is True
+    assert (adapt / "adapter" / "adapter_model.safetensors").is_file()
