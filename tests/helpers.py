@@ -45,3 +45,11 @@ def accelerate_launch(*args, processes: int = 2, mixed_precision: str = "no", co
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port_for_launch() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
