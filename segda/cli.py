@@ -181,6 +181,63 @@ def _run_export(args) -> int:
     return 0
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole study on synthetic data: synth, shards, pretrain, adapt, evaluate")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    p.add_argument("--processes", type=int, default=1, help="CPU processes for the training stages (DDP)")
+    p.add_argument("--oracle", action="store_true", help="also train on the target domain directly ('target')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (numbers meaningless)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from segda.demo import SMOKE, DemoSize, run_demo
+
+    run_demo(args.out, args.processes, args.oracle, args.seed, SMOKE if args.smoke else DemoSize())
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="throughput of segda against a plain baseline, side by side")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    loader = kinds.add_parser("loader", help="shard stream vs PIL + SegformerImageProcessor on the raw PNGs")
+    loader.add_argument("--data", required=True, help="manifest of the shards")
+    loader.add_argument("--raw", required=True, help="the raw dataset folder the shards were made from")
+    loader.add_argument("--workers", type=int, default=1)
+    loader.add_argument("--crop", type=int, default=512)
+    loader.add_argument("--batch", type=int, default=4)
+    loader.add_argument("--samples", type=int, default=64, help="samples per timed run")
+    loader.add_argument("--base-size", type=_size, default=None, help="WIDTHxHEIGHT the rescale is relative to")
+    loader.add_argument("--repeats", type=int, default=3)
+    train = kinds.add_parser("train", help="segda's training step vs a plain transformers fp32 loop")
+    train.add_argument("--crop", type=int, default=256)
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--steps", type=int, default=3, help="timed steps per run")
+    train.add_argument("--repeats", type=int, default=3)
+    train.add_argument("--device", default=None)
+    shards = kinds.add_parser("shards", help="segda's creator vs tar of the raw files")
+    shards.add_argument("dataset", choices=["gta5", "cityscapes"])
+    shards.add_argument("raw")
+    shards.add_argument("--split", default="train")
+    shards.add_argument("--workers", type=int, default=1)
+    shards.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from segda import bench
+
+    if args.kind == "loader":
+        bench.bench_loader(args.data, args.raw, args.workers, args.crop, args.batch, args.samples, args.repeats,
+                           args.base_size)
+    elif args.kind == "train":
+        bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device)
+    else:
+        bench.bench_shards(args.dataset, args.raw, args.split, args.workers, args.repeats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segda", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +255,8 @@ _COMMANDS = [
     _add_evaluate,
     _add_predict,
     _add_export,
+    _add_demo,
+    _add_bench,
 ]
 
 
