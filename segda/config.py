@@ -312,3 +312,7 @@ def _field_docs(cls) -> dict[str, str]:
             docs[last] = " ".join(str(node.value.value).split())
             last = None
     return docs
+
+
+if __name__ == "__main__":  # python -m segda.config > the README's configuration reference
+    print(reference_markdown())
