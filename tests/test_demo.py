@@ -1,0 +1,26 @@
+"""`segda demo` end to end in CI-like conditions (the smoke size: every stage runs, the numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import segda
+
+
+@pytest.mark.slow
+def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
+    out = tmp_path / "demo"
+    proc = segda("demo", "--smoke", "--processes", "2", "--out", out, timeout=600)
+    report = json.loads((out / "report.json").read_text())
+    pairs = {(p["model"], p["data"]) for p in report["pairs"]}
+    assert pairs == {(m, d) for m in ("source", "source+lora") for d in ("gta5-val", "cityscapes-val")}
+    extra = report["extra"]
+    assert 0 < extra["adapter_bytes"] < extra["full_model_bytes"]
+    assert 0 < extra["adapter_trainable_parameters"] < extra["model_parameters"]
+    assert extra["processes"] == 2
+    for stage in ("source", "lora"):
+        run = json.loads((out / "runs" / stage / "run.json").read_text())
+        assert run["world_size"] == 2 and run["mixed_precision"] == "bf16"
+    assert "| source+lora |" in proc.stdout and (out / "report.md").is_file()
