@@ -44,6 +44,8 @@ class DataConfig:
     """Random horizontal flip."""
     photometric: bool = True
     """Random brightness, contrast, saturation and hue (mmseg's PhotoMetricDistortion)."""
+    crops_per_frame: int = 1
+    """Random crops cut from each decoded frame (decoding a PNG costs ~10 crops); must divide batch_size."""
     shuffle_buffer: int = 64
     """Samples held per worker for shuffling (raw bytes, before decoding)."""
     eval_size: list[int] = field(default_factory=lambda: [1024, 512])
@@ -263,6 +265,8 @@ def validate(cfg: Config) -> None:
     _check(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
     _check(len(d.eval_size) == 2 and min(d.eval_size) >= 8, "data.eval_size", "must be [width, height]")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
+    _check(d.crops_per_frame >= 1 and d.batch_size % d.crops_per_frame == 0, "data.crops_per_frame",
+           f"must be >= 1 and divide data.batch_size ({d.batch_size})")
     _check(o.lr > 0, "optim.lr", "must be positive")
     _check(o.head_lr_mult > 0, "optim.head_lr_mult", "must be positive")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -283,3 +283,12 @@ def test_real_two_process_accelerate_launch_splits_exactly(gta5_manifest, tmp_pa
     assert len(trained) == len(set(trained)) == len(all_keys) - len(all_keys) % 2
     evaluated = [k for r in ranks for k in r["eval"]]
     assert sorted(evaluated) == sorted(all_keys)
+
+
+def test_several_crops_per_decoded_frame(gta5_manifest):
+    batches = epoch_batches(gta5_manifest, cfg(batch_size=4, crops_per_frame=2, workers=0), 0, 1)
+    first = batches[0]
+    assert first["image"].shape[0] == 4 and first["key"][0] == first["key"][1] != first["key"][2]
+    assert not (first["image"][0] == first["image"][1]).all(), "the crops of one frame differ"
+    frames = [k for b in batches for k in b["key"][::2]]
+    assert len(frames) == len(set(frames)) == len(manifest_keys(gta5_manifest))

@@ -130,7 +130,10 @@ class TrainStream(IterableDataset):
                              f"{ds.spec} (written by `segda shards`), or count them with with_counts()")
         self.ds, self.cfg, self.seed, self.epoch, self.rank = ds, cfg, seed, epoch, rank
         counts = [s.num_samples for s in ds.shards]
-        self.plans = planning.train_plan(counts, rank, world, cfg.workers, cfg.batch_size, seed, epoch)
+        frames_per_batch = cfg.batch_size // cfg.crops_per_frame  # the plan counts frames, a batch holds crops
+        if sum(counts) < world:
+            raise SegdaError(f"{ds.spec} has {sum(counts)} samples: too few for {world} processes")
+        self.plans = planning.train_plan(counts, rank, world, cfg.workers, frames_per_batch, seed, epoch)
         self.skip_batches = planning.batches_consumed([len(p.batch_sizes) for p in self.plans], start_step)
         # torch's DataLoader always starts its round-robin at worker 0; the uninterrupted run would take the next
         # batch from plan (start_step mod K), so DataLoader worker w serves plan (w + rotation) mod K.
@@ -150,22 +153,23 @@ class TrainStream(IterableDataset):
         stream = _shuffled(raw, self.cfg.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # resume: drop what was already trained on, undecoded
             next(stream, None)
-        samples = self._augmented(stream, reader)
+        frames = self._augmented(stream, reader)
         recent: deque = deque(maxlen=max(plan.batch_sizes, default=1))
         for size in plan.batch_sizes[skip:]:
             batch = []
             for _ in range(size):
-                item = next(samples, None)
-                if item is None:  # lost samples: refill from recent ones so every rank keeps its batch count
+                crops = next(frames, None)
+                if crops is None:  # lost samples: refill from recent ones so every rank keeps its batch count
                     if not recent:
                         raise SegdaError(f"worker {worker} of rank {self.rank} found no readable sample in "
                                          f"{self.ds.spec}; check the warnings above")
-                    item = recent[len(batch) % len(recent)]
-                recent.append(item)
-                batch.append(item)
+                    crops = recent[len(batch) % len(recent)]
+                recent.append(crops)
+                batch.extend(crops)
             yield _collate(batch, reader)
 
-    def _augmented(self, stream: Iterator[dict], reader: ShardReader) -> Iterator[tuple]:
+    def _augmented(self, stream: Iterator[dict], reader: ShardReader) -> Iterator[list[tuple]]:
+        """Decode each frame once and cut `crops_per_frame` independent augmented crops from it."""
         cfg = self.cfg
         for sample in stream:
             key = sample["__key__"]
@@ -175,13 +179,17 @@ class TrainStream(IterableDataset):
                 reader._bad(f"sample {key} in {sample['__url__']}: {err}; skipped")
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
-            image, label = T.random_scale_crop(image, label, rng, cfg.base_size, cfg.scale_range, cfg.crop_size,
-                                               cfg.cat_max_ratio)
-            if cfg.flip:
-                image, label = T.random_flip(image, label, rng)
-            if cfg.photometric:
-                image = T.photometric_distortion(image, rng)
-            yield key, image, label
+            yield [(key, *self._augment(image, label, rng)) for _ in range(cfg.crops_per_frame)]
+
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        cfg = self.cfg
+        image, label = T.random_scale_crop(image, label, rng, cfg.base_size, cfg.scale_range, cfg.crop_size,
+                                           cfg.cat_max_ratio)
+        if cfg.flip:
+            image, label = T.random_flip(image, label, rng)
+        if cfg.photometric:
+            image = T.photometric_distortion(image, rng)
+        return image, label
 
 
 def _collate(batch: list[tuple], reader: ShardReader) -> dict:
