@@ -34,8 +34,9 @@ QUIRK_PERIOD = 20
 """One GTA5 frame in QUIRK_PERIOD has an image a few pixels wider than its label, as in the real release."""
 
 _LAMPS = [(255, 40, 30), (255, 190, 0), (40, 255, 90)]
-# Class colours per domain. The Cityscapes ones are shifted on purpose (its sidewalk looks like GTA5's road,
-# its sky like GTA5's facades, its vegetation darker than GTA5's fences) so a colour-only model fails across.
+# Class colours per domain (variants per class, plus per-instance jitter). The Cityscapes ones are shifted on
+# purpose (its sidewalk looks like GTA5's road, its sky like GTA5's sidewalk, its road like GTA5's poles, its
+# vegetation olive instead of green) so a colour-only model fails across domains yet each stays separable.
 _GTA5_COLOURS = {
     "sky": [(90, 165, 245)], "road": [(125, 100, 145)], "lane": [(250, 250, 250)], "curb": [(235, 235, 240)],
     "sidewalk": [(195, 198, 210)], "building": [(225, 195, 135), (210, 120, 80), (240, 220, 170), (230, 160, 105)],
