@@ -40,8 +40,8 @@ class DemoSize:
     cityscapes_val: int = 40
     gta5_size: tuple[int, int] = (320, 176)
     cityscapes_size: tuple[int, int] = (320, 160)
-    pretrain_steps: int = 300
-    adapt_steps: int = 150
+    pretrain_steps: int = 500
+    adapt_steps: int = 300
     model_config: str = "{}"
     """SegformerConfig overrides for the random-init model ({} = MiT-b0 shape)."""
 
