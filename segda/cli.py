@@ -62,7 +62,7 @@ def _add_shards(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
     p.add_argument("--resize", type=_size, default=None, help="store frames at WIDTHxHEIGHT (e.g. 1280x720)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
-                   help="keep the original bytes (default), or re-encode as png (lossless), jpg or webp (lossy)")
+                   help="keep the original bytes (default), or re-encode as png or bmp (lossless) or jpg or webp (lossy)")
     p.add_argument("--quality", type=int, default=90, help="jpg/webp quality (default 90)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.set_defaults(run=_run_shards)
@@ -210,6 +210,7 @@ def _add_bench(sub) -> None:
     loader.add_argument("--samples", type=int, default=64, help="samples per timed run")
     loader.add_argument("--base-size", type=_size, default=None, help="WIDTHxHEIGHT the rescale is relative to")
     loader.add_argument("--repeats", type=int, default=3)
+    loader.add_argument("--crops-per-frame", type=int, default=1, help="crops cut from each decoded frame")
     train = kinds.add_parser("train", help="segda's training step vs a plain transformers fp32 loop")
     train.add_argument("--crop", type=int, default=256)
     train.add_argument("--batch", type=int, default=4)
@@ -230,7 +231,7 @@ def _run_bench(args) -> int:
 
     if args.kind == "loader":
         bench.bench_loader(args.data, args.raw, args.workers, args.crop, args.batch, args.samples, args.repeats,
-                           args.base_size)
+                           args.base_size, args.crops_per_frame)
     elif args.kind == "train":
         bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device)
     else:

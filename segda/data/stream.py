@@ -34,7 +34,7 @@ from segda.data.datasets import Dataset, with_counts
 from segda.data.sources import open_url
 from segda.log import SegdaError, warn
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 LABEL_EXT = "label.png"
 
 
