@@ -127,6 +127,7 @@ class _Loop:
         self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
         self.step, self.best, self.history = 0, {}, []
         self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
+        self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         self.batches_per_epoch = train_loader(train_ds, cfg.data, rank=accelerator.process_index,
                                               world=accelerator.num_processes, seed=cfg.train.seed, epoch=0)[1]
@@ -209,14 +210,14 @@ class _Loop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.images += len(batch["key"]) * acc.num_processes
-        self._loss_sum = getattr(self, "_loss_sum", 0.0) + float(losses.mean())
+        self.loss_sum += float(losses.mean())
         if not acc.sync_gradients:
             return False
         self.scheduler.step()
         self.step += 1
-        self.history.append({"step": self.step, "loss": self._loss_sum / cfg.train.grad_accum,
+        self.history.append({"step": self.step, "loss": self.loss_sum / cfg.train.grad_accum,
                              "lr": self.scheduler.get_last_lr()[0]})
-        self._loss_sum = 0.0
+        self.loss_sum = 0.0
         return True
 
     def _nonfinite(self, losses) -> None:

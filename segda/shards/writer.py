@@ -138,17 +138,17 @@ def _encode_shard(pool, shard: list[RawSample], encode, strict: bool, bar) -> li
 
 def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results, fingerprint) -> dict:
     name = f"{split}-{index:06d}.tar"
-    buf = io.BytesIO()
     good = [r for r in results if isinstance(r, Encoded)]
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for enc in good:
-            for member, data in enc.members:
-                tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
-    data = buf.getvalue()
-    atomic.write_bytes(out / name, data)
+    # Straight into the temporary file (a shard of real frames is ~1 GB: never held in memory), renamed when done.
+    with atomic.atomic_path(out / name) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for enc in good:
+                for member, data in enc.members:
+                    tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+        size, digest = tmp.stat().st_size, _sha256_file(tmp)  # read back from the page cache
     pixels = sum((r.class_pixels for r in good), np.zeros(NUM_CLASSES, np.int64))
     record = {
-        "url": name, "num_samples": len(good), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+        "url": name, "num_samples": len(good), "bytes": size, "sha256": digest,
         "class_pixels": pixels.tolist(), "ignore_pixels": sum(r.ignore_pixels for r in good),
         "skipped": [asdict(r) for r in results if isinstance(r, Orphan)],
         "keys": [s.key for s in shard], "fingerprint": fingerprint,
