@@ -20,7 +20,7 @@ from peft import PeftModel, get_peft_model
 from segda import atomic
 from segda.classes import CLASS_NAMES, NUM_CLASSES
 from segda.config import LoraConfig
-from segda.log import SegdaError
+from segda.log import SegdaError, warn
 from segda.model import build_model, fingerprint
 
 METADATA = "segda.json"
@@ -95,12 +95,18 @@ def _model_card(meta: dict, folder: Path) -> str:
     return "\n".join(lines)
 
 
-def read_metadata(adapter_dir: str | Path) -> dict:
+def read_metadata(adapter_dir: str | Path, base: str | None = None) -> dict:
+    """segda's metadata of an adapter; a plain peft adapter (no segda.json) is accepted when `base` is given."""
     path = Path(adapter_dir) / METADATA
     if not (Path(adapter_dir) / WEIGHTS).is_file():
-        raise SegdaError(f"{adapter_dir} is not an adapter folder: {WEIGHTS} is missing")
+        raise SegdaError(f"{adapter_dir} is not a safetensors adapter folder: {WEIGHTS} is missing "
+                         "(segda never loads pickled .bin weights)")
     if not path.is_file():
-        raise SegdaError(f"{path} is missing: was {adapter_dir} written by `segda adapt`? (--base names the base)")
+        if base:
+            warn(f"{adapter_dir} has no {METADATA} (not written by `segda adapt`): its base cannot be checked")
+            return {}
+        raise SegdaError(f"{path} is missing: was {adapter_dir} written by `segda adapt`? Pass --base BASE to "
+                         "apply a plain peft adapter to that base without the fingerprint check")
     return json.loads(path.read_text())
 
 
@@ -110,7 +116,7 @@ def is_adapter(path: str | Path) -> bool:
 
 def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base_mismatch: bool = False):
     """Base model + adapter, with the checks that keep an adapter from silently running on the wrong base."""
-    meta = read_metadata(adapter_dir)
+    meta = read_metadata(adapter_dir, base)
     base_path = base or meta.get("base_model")
     if not base_path:
         raise SegdaError(f"{adapter_dir}: no base model recorded; pass --base")
@@ -119,7 +125,7 @@ def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base
                          f"{NUM_CLASSES}: it cannot be evaluated with this class set")
     model = build_model(str(base_path))
     found = fingerprint(model)
-    if found != meta.get("base_fingerprint") and not allow_base_mismatch:
+    if meta and found != meta.get("base_fingerprint") and not allow_base_mismatch:
         raise SegdaError(f"adapter {adapter_dir} was trained on a base with fingerprint "
                          f"{str(meta.get('base_fingerprint'))[:16]}, but {base_path} has {found[:16]}: "
                          "use the adapter's own base, or pass --allow-base-mismatch if you know better")

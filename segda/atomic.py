@@ -57,14 +57,17 @@ def write_json(final: str | os.PathLike, obj) -> None:
     write_text(final, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def remove_stale(folder: str | os.PathLike) -> int:
-    """Delete leftovers of killed writers in `folder` (not recursive); return how many were removed."""
+def remove_stale(folder: str | os.PathLike, prefix: str = "") -> int:
+    """Delete leftovers of killed writers in `folder` whose names start with `prefix` (not recursive).
+
+    The prefix keeps two writers of one folder (say the train and val shards) from deleting each other's files.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for entry in folder.iterdir():
-        if TMP_MARK in entry.name:
+        if TMP_MARK in entry.name and entry.name.startswith(prefix):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -109,9 +109,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
             parked = Path(run_dir) / "checkpoints" / f".rng-{step:06d}-{rank}.safetensors"
             os.replace(parked, tmp / f"rng-{rank}.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    prune(run_dir, keep)
+    return final
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    """Keep the `keep` newest complete checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict, dict]:

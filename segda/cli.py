@@ -140,6 +140,8 @@ def _run_evaluate(args) -> int:
     from segda.config import DataConfig
     from segda.evaluate import evaluate_matrix, parse_labeled
 
+    if args.limit < 0 or args.workers < 0 or args.examples < 0:
+        raise SegdaError("--limit, --workers and --examples must be >= 0")
     data_cfg = DataConfig(workers=args.workers, verify=args.verify, allow_pipe=args.allow_pipe,
                           eval_size=list(args.eval_size))
     evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,

@@ -91,7 +91,7 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step; the effective batch is batch_size x processes x grad_accum."""
     checkpoint_every: int = 2000
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N steps (0: never; the final model or adapter is always saved)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     eval_every: int = 4000
@@ -101,7 +101,7 @@ class TrainConfig:
     log_every: int = 50
     """Write a metrics line every N steps."""
     seed: int = 0
-    """Seed for model init (same on every rank) and data order; augmentation adds the rank."""
+    """Seed of model init (same on every rank), data order and augmentation (per sample key); dropout adds the rank."""
 
 
 @dataclass

@@ -45,6 +45,10 @@ class InferenceOptions:
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
             raise SegdaError(f"inference mode must be 'whole' or 'slide', got {self.mode!r}")
+        if min(*self.crop, *self.stride) < 1 or min(self.eval_size) < 8 or self.batch_size < 1:
+            raise SegdaError(f"--crop and --stride must be >= 1, --eval-size >= 8x8 and --batch-size >= 1 "
+                             f"(got crop {self.crop}, stride {self.stride}, eval size {self.eval_size}, "
+                             f"batch size {self.batch_size})")
 
 
 def _forward(model, pixels: torch.Tensor, flip: bool) -> torch.Tensor:

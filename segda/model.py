@@ -27,8 +27,14 @@ def _label_maps() -> dict:
             "label2id": {name: i for i, name in enumerate(CLASS_NAMES)}, "semantic_loss_ignore_index": IGNORE}
 
 
-def build_model(name_or_path: str, config_overrides: dict | None = None) -> SegformerForSemanticSegmentation:
-    """A 19-class SegFormer from a hub id or local folder (weights), or from a SegformerConfig (random init)."""
+def build_model(name_or_path: str, config_overrides: dict | None = None, *,
+                new_head_ok: bool = False) -> SegformerForSemanticSegmentation:
+    """A 19-class SegFormer from a hub id or local folder (weights), or from a SegformerConfig (random init).
+
+    A checkpoint without a trained 19-class decode head (an ImageNet encoder such as nvidia/mit-b0, or a model
+    for another class set) gets a fresh head only when `new_head_ok` (pretraining); everywhere else that would
+    silently score or adapt a random classifier, so it is refused.
+    """
     if not name_or_path:
         try:
             config = SegformerConfig(**{**(config_overrides or {}), **_label_maps()})
@@ -43,8 +49,14 @@ def build_model(name_or_path: str, config_overrides: dict | None = None) -> Segf
         raise SegdaError(f"model folder {path} has no config.json: give a folder written by `segda pretrain` "
                          "(RUN_DIR/model) or `save_pretrained`, or a hub id like nvidia/mit-b0")
     try:
+        found = SegformerConfig.from_pretrained(name_or_path)
+        has_head = "SegformerForSemanticSegmentation" in (found.architectures or [])
+        if not (has_head and found.num_labels == NUM_CLASSES) and not new_head_ok:
+            what = f"a {found.num_labels}-class decode head" if has_head else "no decode head (an encoder only)"
+            raise SegdaError(f"model {name_or_path} has {what}, not the 19 Cityscapes classes: evaluate and adapt "
+                             "need a model trained by `segda pretrain` (RUN_DIR/model)")
         return SegformerForSemanticSegmentation.from_pretrained(
-            name_or_path, use_safetensors=True, ignore_mismatched_sizes=True, **_label_maps())
+            name_or_path, use_safetensors=True, ignore_mismatched_sizes=new_head_ok, **_label_maps())
     except OSError as err:
         raise SegdaError(f"cannot load model {name_or_path!r}: {err}. Hub ids need network access and a "
                          "model.safetensors file; offline, download the folder and point at it") from err

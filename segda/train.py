@@ -50,7 +50,7 @@ def _has_tensorboard() -> bool:
 def build_trainable(stage: str, cfg: Config):
     """(model, base fingerprint or None): the whole model for pretrain, base + LoRA for adapt."""
     if stage == "pretrain":
-        return build_model(cfg.model.name_or_path, cfg.model.config), None
+        return build_model(cfg.model.name_or_path, cfg.model.config, new_head_ok=True), None
     if not cfg.model.name_or_path:
         raise SegdaError("adapt needs the pretrained base: set model.name_or_path to RUN_DIR/model of a pretrain run")
     base = build_model(cfg.model.name_or_path)
@@ -103,9 +103,34 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
+    if val_ds is not None and cfg.train.eval_max_samples and not val_ds.counts_known:
+        raise SegdaError(f"train.eval_max_samples needs per-shard counts: point data.val at the manifest of "
+                         f"{cfg.data.val}, or set train.eval_max_samples=0")
+    found = checkpoint.find_resume(out_dir, resume)
+    if found is None and checkpoint.list_checkpoints(out_dir):
+        raise SegdaError(f"{out_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
+                         "or choose another --out")
     loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp)
-    loop.restore(checkpoint.find_resume(out_dir, resume))
+    loop.restore(found)
     return loop.run()
+
+
+# Changing any of these between a checkpoint and its resume changes the data order or the schedule.
+RESUME_KEYS = ("data.train", "data.batch_size", "data.workers", "data.crops_per_frame", "data.shuffle_buffer",
+               "data.crop_size", "data.base_size", "data.scale_range", "train.grad_accum", "train.seed",
+               "train.max_steps", "optim.warmup_steps", "optim.poly_power")
+
+
+def check_resumable(saved: dict, cfg: Config, stage: str, path) -> None:
+    if saved.get("stage") != stage:
+        raise SegdaError(f"{path} is a {saved.get('stage')} checkpoint; resume it with `segda {saved.get('stage')}`")
+    now = cfg.to_dict()
+    for key in RESUME_KEYS:
+        section, name = key.split(".")
+        before, after = saved.get("config", {}).get(section, {}).get(name), now[section][name]
+        if before != after:
+            raise SegdaError(f"{key} was {before!r} when {path} was written, now {after!r}: resume with the same "
+                             "value (an exact resume needs the same data order and schedule)")
 
 
 def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
@@ -137,9 +162,10 @@ class _Loop:
         if path is None:
             return
         acc = self.acc
+        state = json.loads((path / "state.json").read_text())
+        check_resumable(state, self.cfg, self.stage, path)
         if self.deepspeed:
-            acc.load_state(str(path / "deepspeed"))
-            state = json.loads((path / "state.json").read_text())
+            acc.load_state(str(path / "deepspeed"))  # DeepSpeed's own format: resume only from your own runs
         else:
             model_t, opt_t, opt_rest, state, rng = checkpoint.load_checkpoint(path, acc.process_index)
             acc.unwrap_model(self.model).load_state_dict(model_t)
@@ -149,6 +175,8 @@ class _Loop:
             raise SegdaError(f"{path} was written by {state.get('world_size')} processes, this run has "
                              f"{acc.num_processes}: resume with the same launch config")
         self.scheduler.load_state_dict(state["scheduler"])
+        if acc.scaler is not None and state.get("scaler"):
+            acc.scaler.load_state_dict(state["scaler"])  # fp16: the same loss scale, so the same skipped steps
         self.step, self.best = state["step"], state.get("best", {})
         self.images, self.train_seconds = state.get("images", 0), state.get("train_seconds", 0.0)
         info(f"resumed from {path} at step {self.step}")
@@ -255,12 +283,15 @@ class _Loop:
         acc = self.acc
         state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
-                 "stage": self.stage, "config": self.cfg.to_dict()}
+                 "stage": self.stage, "config": self.cfg.to_dict(),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
         final = checkpoint.checkpoint_dir(self.out, self.step)
         if self.deepspeed:  # DeepSpeed shards optimizer state: its own format, written by every rank
             acc.save_state(str(final / "deepspeed"))
+            acc.wait_for_everyone()  # every rank's part is on disk before state.json marks the folder complete
             if acc.is_main_process:
                 atomic.write_json(final / "state.json", state)
+                checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
             acc.wait_for_everyone()
             return
         checkpoint.save_rank_rng(self.out, self.step, acc.process_index)
@@ -282,7 +313,7 @@ class _Loop:
         """After a resume, drop the lines a killed run wrote past its last checkpoint."""
         path = self.out / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= self.step]
             atomic.write_text(path, "".join(line + "\n" for line in kept))
 
     def _finish(self, wall: float) -> dict:
@@ -328,6 +359,14 @@ class _Loop:
             "best": self.best, "final": final or {}, "images_seen": self.images,
             "replicas_identical": getattr(self, "replicas_identical", None), **run_info(),
         }
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line torn by a kill counts as past the checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _base_reference(name_or_path: str) -> str:

@@ -292,3 +292,35 @@ def test_several_crops_per_decoded_frame(gta5_manifest):
     assert not (first["image"][0] == first["image"][1]).all(), "the crops of one frame differ"
     frames = [k for b in batches for k in b["key"][::2]]
     assert len(frames) == len(set(frames)) == len(manifest_keys(gta5_manifest))
+
+
+def test_a_shard_shorter_than_its_manifest_is_reported(cityscapes_manifest, tmp_path):
+    manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
+    first = manifest.parent / "val-000000.tar"
+    keep = sorted({m.name.split(".")[0] for m in tarfile.open(first).getmembers()})[:2]
+    _rewrite_tar(first, lambda n, d: d if n.split(".")[0] in keep else None)  # a clean tar, 2 samples short
+    batches = _eval_batches(manifest, cfg(workers=0))
+    assert len([k for b in batches for k in b["key"]]) == 8 and sum(b["skipped"] for b in batches) == 2
+    with pytest.raises(SegdaError, match="manifest says"):
+        _eval_batches(manifest, cfg(workers=0, strict=True))
+
+
+def test_resume_stays_exact_after_an_undecodable_sample(cityscapes_manifest, tmp_path):
+    manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
+    first = manifest.parent / "val-000000.tar"
+    broken = sorted({m.name.split(".")[0] for m in tarfile.open(first).getmembers()})[1]
+    _rewrite_tar(first, lambda n, d: b"garbage" if n == f"{broken}.png" else d)
+    data_cfg = cfg(workers=0, batch_size=2, shuffle_buffer=1)
+    full = epoch_batches(manifest, data_cfg, 0, 1)
+    for start in range(1, len(full)):
+        resumed = epoch_batches(manifest, data_cfg, 0, 1, start_step=start)
+        assert [b["key"] for b in resumed] == [b["key"] for b in full[start:]]
+
+
+def test_a_manifest_can_never_supply_a_pipe_command(cityscapes_manifest, tmp_path):
+    manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
+    data = json.loads(manifest.read_text())
+    data["shards"][0]["url"] = "pipe:echo owned"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(SegdaError, match="pipe"):
+        resolve_dataset(str(manifest), allow_pipe=True)

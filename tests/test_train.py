@@ -244,3 +244,33 @@ def test_two_machines_on_one_host_both_train(tmp_path, gta5_manifest):
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["replicas_identical"] is True and run["step"] == 2
     assert run["images_seen"] == 2 * 2 * 2, "both machines' ranks must have trained"
+
+
+def test_a_new_run_refuses_an_out_dir_with_old_checkpoints_and_resume_refuses_changed_settings(
+        pretrained, tmp_path, gta5_manifest):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    args = ["pretrain", DEMO / "pretrain.yaml", "--out", run, "--max-steps", 4,
+            *common(gta5_manifest, TINY_MODEL, "train.checkpoint_every=2")]
+    proc = segda(*args, check=False)
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+    proc = segda(*args[:-1], "data.batch_size=4", "--resume", "auto", check=False)  # batch size changed
+    assert proc.returncode == 2 and "data.batch_size" in proc.stderr
+    proc = segda("adapt", DEMO / "adapt.yaml", "--out", run, "--max-steps", 4, "--resume", "auto",
+                 *common(gta5_manifest, f"model.name_or_path={pretrained / 'model'}"), check=False)
+    assert proc.returncode == 2 and "pretrain checkpoint" in proc.stderr
+
+
+def test_models_for_another_class_set_are_refused(tmp_path):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from segda.log import SegdaError
+    from segda.model import build_model
+
+    config = SegformerConfig(num_labels=150, hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=64)
+    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "ade")
+    with pytest.raises(SegdaError, match="150-class"):
+        build_model(str(tmp_path / "ade"))
+    assert build_model(str(tmp_path / "ade"), new_head_ok=True).config.num_labels == 19  # pretraining from it

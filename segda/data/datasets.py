@@ -55,6 +55,9 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
         raise SegdaError(f"{spec} has no 'shards' list: is it a segda manifest (written by `segda shards`)?")
     shards = []
     for n, entry in enumerate(manifest["shards"]):
+        if str(entry.get("url", "")).startswith("pipe:"):
+            # allow_pipe covers URLs the user typed, never commands that a (possibly remote) manifest supplies.
+            raise SegdaError(f"{spec}: shard entry {n} is a pipe: command; manifests may only list files and URLs")
         try:
             shards.append(Shard(join_url(spec, entry["url"]), int(entry["num_samples"]), entry.get("sha256")))
         except (KeyError, TypeError, ValueError) as err:
@@ -76,9 +79,13 @@ def with_counts(ds: Dataset, *, allow_pipe: bool = False) -> Dataset:
     shards = []
     for shard in ds.shards:
         keys = set()
-        with open_url(shard.url, allow_pipe=allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                if member.isreg():
-                    keys.add(base_plus_ext(member.name)[0])
+        try:
+            with open_url(shard.url, allow_pipe=allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                for member in tar:
+                    if member.isreg():
+                        keys.add(base_plus_ext(member.name)[0])
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise SegdaError(f"cannot count the samples of {shard.url}: {err} (a corrupt shard? re-create it, "
+                             "or train from the manifest)") from err
         shards.append(Shard(shard.url, len(keys), shard.sha256))
     return Dataset(ds.spec, shards, ds.manifest)

@@ -34,6 +34,7 @@ from segda.data.datasets import Dataset, with_counts
 from segda.data.sources import open_url
 from segda.log import SegdaError, warn
 
+_END = object()
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 LABEL_EXT = "label.png"
 
@@ -44,6 +45,9 @@ class ShardReader:
     def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False):
         self.ds, self.strict, self.verify, self.allow_pipe = ds, strict, verify, allow_pipe
         self.skipped = 0
+        if verify and not any(s.sha256 for s in ds.shards):
+            warn(f"data.verify is on but {ds.spec} carries no sha256 to check against: name the dataset by its "
+                 "manifest to verify shards")
 
     def segment(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         url = self.ds.shards[shard].url
@@ -59,6 +63,10 @@ class ShardReader:
                         continue
                     if self._complete(sample, url):
                         yield sample
+            expected = stop if stop is not None else self.ds.shards[shard].num_samples
+            if expected is not None and position < expected:  # a tar that ends early, on a member boundary
+                self._bad(f"shard {url} holds {position} samples, the manifest says at least {expected}: "
+                          f"{expected - max(position, start)} planned sample(s) lost", expected - max(position, start))
         except (tarfile.TarError, OSError, ValueError, EOFError) as err:
             expected = self.ds.shards[shard].num_samples
             lost = max(0, (stop if stop is not None else expected or position) - max(position, start))
@@ -158,8 +166,10 @@ class TrainStream(IterableDataset):
         for size in plan.batch_sizes[skip:]:
             batch = []
             for _ in range(size):
-                crops = next(frames, None)
-                if crops is None:  # lost samples: refill from recent ones so every rank keeps its batch count
+                crops = next(frames, _END)
+                while crops is None and not recent:  # nothing to refill from yet: take the next readable frame
+                    crops = next(frames, _END)
+                if crops is None or crops is _END:  # bad or lost: refill from recent ones, keep the batch count
                     if not recent:
                         raise SegdaError(f"worker {worker} of rank {self.rank} found no readable sample in "
                                          f"{self.ds.spec}; check the warnings above")
@@ -168,8 +178,8 @@ class TrainStream(IterableDataset):
                 batch.extend(crops)
             yield _collate(batch, reader)
 
-    def _augmented(self, stream: Iterator[dict], reader: ShardReader) -> Iterator[list[tuple]]:
-        """Decode each frame once and cut `crops_per_frame` independent augmented crops from it."""
+    def _augmented(self, stream: Iterator[dict], reader: ShardReader) -> Iterator[list[tuple] | None]:
+        """Decode each frame once and cut `crops_per_frame` independent augmented crops from it (None: bad frame)."""
         cfg = self.cfg
         for sample in stream:
             key = sample["__key__"]
@@ -177,6 +187,7 @@ class TrainStream(IterableDataset):
                 image, label = decode_sample(sample)
             except T.DecodeError as err:
                 reader._bad(f"sample {key} in {sample['__url__']}: {err}; skipped")
+                yield None  # keeps one raw sample = one batch slot, so resume positions stay exact
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
             yield [(key, *self._augment(image, label, rng)) for _ in range(cfg.crops_per_frame)]

@@ -12,12 +12,12 @@ completes the rest. The manifest is written last.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import asdict, dataclass
@@ -65,7 +65,7 @@ def create_shards(dataset: str, root: str | Path, out: str | Path, encode: Encod
         raise SegdaError(f"no complete (image, label) pairs found under {root} for split {encode.split!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.remove_stale(out)
+    atomic.remove_stale(out, prefix=f"{encode.split}-")
     plan = [samples[i:i + opts.shard_size] for i in range(0, len(samples), opts.shard_size)]
     fingerprint = _fingerprint(encode, opts)
     parts = out / PARTS_DIR
@@ -77,7 +77,10 @@ def create_shards(dataset: str, root: str | Path, out: str | Path, encode: Encod
         raise SegdaError(f"every sample under {root} was skipped ({manifest['num_skipped']} problems, see the "
                          "warnings above): no manifest written")
     atomic.write_json(manifest_path(out, encode.split), manifest)
-    shutil.rmtree(parts, ignore_errors=True)
+    for part in parts.glob(f"{encode.split}-*.json"):  # only this split's: another may be writing beside it
+        part.unlink()
+    with contextlib.suppress(OSError):
+        parts.rmdir()
     _summary(manifest, out, seconds)
     return manifest
 
