@@ -201,7 +201,9 @@ class _Loop:
                                      pin_memory=acc.device.type == "cuda")
             self._train_mode()
             tick = time.perf_counter()
+            skipped = 0
             for batch in loader:
+                skipped += batch["skipped"]
                 micro += 1
                 if self._micro_step(batch):
                     self.train_seconds += time.perf_counter() - tick
@@ -212,6 +214,9 @@ class _Loop:
                     tick = time.perf_counter()
                     if self.step >= cfg.train.max_steps:
                         break
+            if skipped:  # each rank reports its own share: bad data is never silently dropped
+                warn(f"rank {acc.process_index}, epoch {epoch}: {skipped} bad sample(s) skipped; their batch "
+                     "slots were refilled from other samples (see the warnings above)")
         bar.close()
         return self._finish(time.perf_counter() - started)
 
@@ -223,8 +228,6 @@ class _Loop:
     def _micro_step(self, batch) -> bool:
         """Forward/backward one micro-batch; True when this completed an optimizer step."""
         acc, cfg = self.acc, self.cfg
-        if batch["skipped"]:
-            warn(f"rank {acc.process_index}: {batch['skipped']} bad sample(s) skipped (see warnings above)")
         with acc.accumulate(self.model):
             pixels = normalize(batch["image"], acc.device)
             logits = self.model(pixel_values=pixels).logits
