@@ -162,6 +162,7 @@ def bench_train(crop: int = 256, batch: int = 4, steps: int = 3, repeats: int = 
     result = _report("train step", ours, base, "img/s")
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        info(f"peak GPU memory (both models): {result['peak_memory_gib']:.2f} GiB")
     return result
 
 
