@@ -119,12 +119,11 @@ def prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict, dict]:
-    """(model tensors, optimizer tensors, optimizer rest, state, this rank's RNG tensors)."""
-    state = json.loads((path / "state.json").read_text())
+def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict]:
+    """(model tensors, optimizer tensors, optimizer rest, this rank's RNG tensors); state.json is the caller's."""
     rng_file = path / f"rng-{rank}.safetensors"
     if not rng_file.is_file():
-        raise SegdaError(f"{path} was written by a run of {state.get('world_size')} processes and has no RNG "
-                         f"state for rank {rank}: resume with the same number of processes")
+        raise SegdaError(f"{path} has no RNG state for rank {rank}: resume with the number of processes that "
+                         "wrote it")
     return (load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")),
-            json.loads((path / "optimizer.json").read_text()), state, load_file(str(rng_file)))
+            json.loads((path / "optimizer.json").read_text()), load_file(str(rng_file)))

@@ -92,6 +92,14 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
                            allow_pipe=cfg.data.allow_pipe)
     val_ds = resolve_dataset(cfg.data.val, allow_pipe=cfg.data.allow_pipe) if cfg.data.val else None
 
+    if val_ds is not None and cfg.train.eval_max_samples and not val_ds.counts_known:
+        raise SegdaError(f"train.eval_max_samples needs per-shard counts: point data.val at the manifest of "
+                         f"{cfg.data.val}, or set train.eval_max_samples=0")
+    found = checkpoint.find_resume(out_dir, resume)
+    if found is None and checkpoint.list_checkpoints(out_dir):
+        raise SegdaError(f"{out_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
+                         "or choose another --out")
+
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas),
@@ -103,13 +111,6 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
-    if val_ds is not None and cfg.train.eval_max_samples and not val_ds.counts_known:
-        raise SegdaError(f"train.eval_max_samples needs per-shard counts: point data.val at the manifest of "
-                         f"{cfg.data.val}, or set train.eval_max_samples=0")
-    found = checkpoint.find_resume(out_dir, resume)
-    if found is None and checkpoint.list_checkpoints(out_dir):
-        raise SegdaError(f"{out_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
-                         "or choose another --out")
     loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp)
     loop.restore(found)
     return loop.run()
@@ -150,7 +151,7 @@ class _Loop:
         self.stage, self.cfg, self.out, self.acc = stage, cfg, out_dir, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
-        self.step, self.best, self.history = 0, {}, []
+        self.step, self.best, self.last = 0, {}, {}  # last: the latest optimizer step's loss and lr
         self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -164,16 +165,16 @@ class _Loop:
         acc = self.acc
         state = json.loads((path / "state.json").read_text())
         check_resumable(state, self.cfg, self.stage, path)
-        if self.deepspeed:
-            acc.load_state(str(path / "deepspeed"))  # DeepSpeed's own format: resume only from your own runs
-        else:
-            model_t, opt_t, opt_rest, state, rng = checkpoint.load_checkpoint(path, acc.process_index)
-            acc.unwrap_model(self.model).load_state_dict(model_t)
-            checkpoint.load_optimizer(self.optimizer, opt_t, opt_rest)
-            checkpoint.restore_rng(rng)
         if state.get("world_size") != acc.num_processes:
             raise SegdaError(f"{path} was written by {state.get('world_size')} processes, this run has "
                              f"{acc.num_processes}: resume with the same launch config")
+        if self.deepspeed:
+            acc.load_state(str(path / "deepspeed"))  # DeepSpeed's own format: resume only from your own runs
+        else:
+            model_t, opt_t, opt_rest, rng = checkpoint.load_checkpoint(path, acc.process_index)
+            acc.unwrap_model(self.model).load_state_dict(model_t)
+            checkpoint.load_optimizer(self.optimizer, opt_t, opt_rest)
+            checkpoint.restore_rng(rng)
         self.scheduler.load_state_dict(state["scheduler"])
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])  # fp16: the same loss scale, so the same skipped steps
@@ -208,7 +209,7 @@ class _Loop:
                 if self._micro_step(batch):
                     self.train_seconds += time.perf_counter() - tick
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    bar.set_postfix(loss=f"{self.last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     img_s=f"{self.images / max(self.train_seconds, 1e-9):.1f}")
                     self._after_step()
                     tick = time.perf_counter()
@@ -246,8 +247,8 @@ class _Loop:
             return False
         self.scheduler.step()
         self.step += 1
-        self.history.append({"step": self.step, "loss": self.loss_sum / cfg.train.grad_accum,
-                             "lr": self.scheduler.get_last_lr()[0]})
+        self.last = {"step": self.step, "loss": self.loss_sum / cfg.train.grad_accum,
+                     "lr": self.scheduler.get_last_lr()[0]}
         self.loss_sum = 0.0
         return True
 
@@ -263,7 +264,7 @@ class _Loop:
     def _after_step(self) -> None:
         cfg, acc = self.cfg.train, self.acc
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            self._log({**self.history[-1], "img_per_s": self.images / max(self.train_seconds, 1e-9)})
+            self._log({**self.last, "img_per_s": self.images / max(self.train_seconds, 1e-9)})
         if self.val_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
                 and self.step < cfg.max_steps:
             self._evaluate()

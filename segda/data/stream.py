@@ -45,9 +45,6 @@ class ShardReader:
     def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False):
         self.ds, self.strict, self.verify, self.allow_pipe = ds, strict, verify, allow_pipe
         self.skipped = 0
-        if verify and not any(s.sha256 for s in ds.shards):
-            warn(f"data.verify is on but {ds.spec} carries no sha256 to check against: name the dataset by its "
-                 "manifest to verify shards")
 
     def segment(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         url = self.ds.shards[shard].url
@@ -63,15 +60,19 @@ class ShardReader:
                         continue
                     if self._complete(sample, url):
                         yield sample
-            expected = stop if stop is not None else self.ds.shards[shard].num_samples
-            if expected is not None and position < expected:  # a tar that ends early, on a member boundary
-                self._bad(f"shard {url} holds {position} samples, the manifest says at least {expected}: "
-                          f"{expected - max(position, start)} planned sample(s) lost", expected - max(position, start))
+            lost = self._lost(shard, start, stop, position)
+            if lost:  # a tar that ends early, on a member boundary
+                self._bad(f"shard {url} holds {position} samples, the manifest says at least "
+                          f"{max(position, start) + lost}: {lost} planned sample(s) lost", lost)
         except (tarfile.TarError, OSError, ValueError, EOFError) as err:
-            expected = self.ds.shards[shard].num_samples
-            lost = max(0, (stop if stop is not None else expected or position) - max(position, start))
+            lost = self._lost(shard, start, stop, position)
             self._bad(f"shard {url} is corrupt or truncated after {position} samples ({type(err).__name__}: "
                       f"{err}); {lost} planned sample(s) lost", lost)
+
+    def _lost(self, shard: int, start: int, stop: int | None, position: int) -> int:
+        """Planned samples of [start, stop) never reached (stop None: up to the manifest's count, if known)."""
+        end = stop if stop is not None else self.ds.shards[shard].num_samples
+        return max(0, (end if end is not None else position) - max(position, start))
 
     def _open(self, shard: int):
         info = self.ds.shards[shard]
@@ -267,6 +268,12 @@ def _eval_batch(batch: list[tuple], reader: ShardReader) -> dict:
             "label": [torch.from_numpy(lab) for _, _, lab in batch], "skipped": skipped}
 
 
+def _warn_unverifiable(ds: Dataset, cfg: DataConfig) -> None:
+    if cfg.verify and not any(s.sha256 for s in ds.shards):
+        warn(f"data.verify is on but {ds.spec} carries no sha256 to check against: name the dataset by its "
+             "manifest to verify shards")
+
+
 def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoader:
     # batch_size=None: batches are built inside the workers; the DataLoader only moves them.
     # Its own generator: starting an iterator draws a seed, and drawing it from the global RNG would shift the
@@ -279,12 +286,14 @@ def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoad
 def train_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, epoch: int,
                  start_step: int = 0, pin_memory: bool = False) -> tuple[DataLoader, int]:
     """The loader of one training epoch for one rank, positioned at `start_step`, and its number of batches."""
+    _warn_unverifiable(ds, cfg)
     stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
     return _loader(stream, cfg.workers, pin_memory), stream.num_batches
 
 
 def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_size: int = 1,
                 resize: tuple[int, int] | None = None, limit: int = 0, pin_memory: bool = False) -> DataLoader:
+    _warn_unverifiable(ds, cfg)
     stream = EvalStream(ds, cfg, rank=rank, world=world, batch_size=batch_size, resize=resize, limit=limit)
     return _loader(stream, cfg.workers, pin_memory)
 
