@@ -4,4 +4,4 @@ Dataset creators write WebDataset shards; Accelerate-launched trainers stream th
 pretraining and LoRA adaptation; the evaluator scores any model x dataset pair with the standard 19-class mIoU.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

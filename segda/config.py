@@ -47,7 +47,10 @@ class DataConfig:
     crops_per_frame: int = 1
     """Random crops cut from each decoded frame (decoding a PNG costs ~10 crops); must divide batch_size."""
     shuffle_buffer: int = 64
-    """Samples held per worker for shuffling (raw bytes, before decoding)."""
+    """Samples held per worker for shuffling, for datasets read shard by shard (no byte offsets in the manifest);
+    indexed datasets are shuffled over the whole dataset and ignore it."""
+    io_threads: int = 4
+    """Sample reads in flight per loader worker (indexed datasets): hides the round trip of each Range request."""
     eval_size: list[int] = field(default_factory=lambda: [1024, 512])
     """[width, height] frames are resized to for whole-image evaluation; logits go back to label size."""
     verify: bool = False
@@ -265,6 +268,7 @@ def validate(cfg: Config) -> None:
     _check(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
     _check(len(d.eval_size) == 2 and min(d.eval_size) >= 8, "data.eval_size", "must be [width, height]")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
+    _check(d.io_threads >= 1, "data.io_threads", "must be at least 1")
     _check(d.crops_per_frame >= 1 and d.batch_size % d.crops_per_frame == 0, "data.crops_per_frame",
            f"must be >= 1 and divide data.batch_size ({d.batch_size})")
     _check(o.lr > 0, "optim.lr", "must be positive")

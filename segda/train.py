@@ -23,7 +23,7 @@ from tqdm import tqdm
 from segda import adapters, atomic, checkpoint
 from segda.config import Config
 from segda.data.datasets import resolve_dataset, with_counts
-from segda.data.stream import train_loader
+from segda.data.stream import batches_per_epoch, training_batches
 from segda.evaluate import evaluate_model
 from segda.log import SegdaError, info, set_main_process, warn
 from segda.model import build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
@@ -155,8 +155,7 @@ class _Loop:
         self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.batches_per_epoch = train_loader(train_ds, cfg.data, rank=accelerator.process_index,
-                                              world=accelerator.num_processes, seed=cfg.train.seed, epoch=0)[1]
+        self.batches_per_epoch = batches_per_epoch(train_ds, cfg.data, accelerator.num_processes)
 
     # ---- resume -------------------------------------------------------------------------------------------
     def restore(self, path: Path | None) -> None:
@@ -195,15 +194,17 @@ class _Loop:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.stage, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         micro = self.step * cfg.train.grad_accum
-        while self.step < cfg.train.max_steps:
-            epoch, offset = divmod(micro, self.batches_per_epoch)
-            loader, _ = train_loader(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
-                                     seed=cfg.train.seed, epoch=epoch, start_step=offset,
-                                     pin_memory=acc.device.type == "cuda")
-            self._train_mode()
-            tick = time.perf_counter()
-            skipped = 0
-            for batch in loader:
+        # One endless stream over epochs: its loader workers live across epoch boundaries.
+        batches = training_batches(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
+                                   seed=cfg.train.seed, start=micro, pin_memory=acc.device.type == "cuda")
+        self._train_mode()
+        epoch, skipped = micro // self.batches_per_epoch, 0
+        tick = time.perf_counter()
+        try:
+            for batch in batches if self.step < cfg.train.max_steps else ():
+                if batch["epoch"] != epoch:
+                    self._report_skipped(epoch, skipped)
+                    epoch, skipped = batch["epoch"], 0
                 skipped += batch["skipped"]
                 micro += 1
                 if self._micro_step(batch):
@@ -215,11 +216,16 @@ class _Loop:
                     tick = time.perf_counter()
                     if self.step >= cfg.train.max_steps:
                         break
-            if skipped:  # each rank reports its own share: bad data is never silently dropped
-                warn(f"rank {acc.process_index}, epoch {epoch}: {skipped} bad sample(s) skipped; their batch "
-                     "slots were refilled from other samples (see the warnings above)")
+        finally:
+            batches.close()  # stops the loader's workers
+        self._report_skipped(epoch, skipped)
         bar.close()
         return self._finish(time.perf_counter() - started)
+
+    def _report_skipped(self, epoch: int, skipped: int) -> None:
+        if skipped:  # each rank reports its own share: bad data is never silently dropped
+            warn(f"rank {self.acc.process_index}, epoch {epoch}: {skipped} bad sample(s) skipped; their batch "
+                 "slots were refilled from other samples (see the warnings above)")
 
     def _train_mode(self) -> None:
         self.model.train()

@@ -17,6 +17,7 @@ import pytest
 from segda.config import DataConfig
 from segda.data import plan
 from segda.data.datasets import resolve_dataset
+from segda.data.reader import index_tar
 from segda.data.stream import eval_loader, train_loader
 from segda.data.transforms import random_scale_crop, warp_crop
 from segda.log import SegdaError
@@ -196,8 +197,8 @@ def _copy_shards(manifest: Path, dest: Path) -> Path:
     return dest / manifest.name
 
 
-def _rewrite_tar(path: Path, edit) -> None:
-    """Rebuild a shard with `edit(name, data) -> data or None (drop the member)`."""
+def _rewrite_tar(path: Path, edit, reindex: bool = True) -> None:
+    """Rebuild a shard with `edit(name, data) -> data or None (drop the member)`; its manifest entry follows."""
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     buf = io.BytesIO()
@@ -209,6 +210,17 @@ def _rewrite_tar(path: Path, edit) -> None:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     path.write_bytes(buf.getvalue())
+    if not reindex:
+        return
+    manifest = next(path.parent.glob("*-manifest.json"))
+    data = json.loads(manifest.read_text())
+    for entry in data["shards"]:
+        if entry["url"] == path.name:  # what `segda shards` would have recorded for this tar
+            entry["bytes"] = path.stat().st_size
+            with open(path, "rb") as f:
+                entry["samples"] = index_tar(f)
+            entry["num_samples"] = max(entry["num_samples"], len(entry["samples"]))
+    manifest.write_text(json.dumps(data))
 
 
 def _eval_batches(spec, data_cfg, world=1):
@@ -298,7 +310,8 @@ def test_a_shard_shorter_than_its_manifest_is_reported(cityscapes_manifest, tmp_
     manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
     first = manifest.parent / "val-000000.tar"
     keep = sorted({m.name.split(".")[0] for m in tarfile.open(first).getmembers()})[:2]
-    _rewrite_tar(first, lambda n, d: d if n.split(".")[0] in keep else None)  # a clean tar, 2 samples short
+    # a clean tar, 2 samples short, under a manifest that lists 4
+    _rewrite_tar(first, lambda n, d: d if n.split(".")[0] in keep else None, reindex=False)
     batches = _eval_batches(manifest, cfg(workers=0))
     assert len([k for b in batches for k in b["key"]]) == 8 and sum(b["skipped"] for b in batches) == 2
     with pytest.raises(SegdaError, match="manifest says"):

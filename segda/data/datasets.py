@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from segda.data.sources import expand_urls, join_url, open_url, read_bytes
-from segda.log import SegdaError, info
+from segda.log import SegdaError, info, warn
 
 
 @dataclass(frozen=True)
@@ -18,6 +20,10 @@ class Shard:
     url: str
     num_samples: int | None = None
     sha256: str | None = None
+    bytes: int | None = None
+    """The tar's size; a remote object of another size was replaced after the manifest was written."""
+    samples: tuple[tuple[str, int, int], ...] | None = field(default=None, repr=False)
+    """(key, byte offset, byte size) of each sample's members in the tar, in tar order: what random access needs."""
 
 
 @dataclass
@@ -33,6 +39,20 @@ class Dataset:
     @property
     def num_samples(self) -> int | None:
         return sum(s.num_samples for s in self.shards) if self.counts_known else None
+
+    @property
+    def indexed(self) -> bool:
+        """Every sample's byte range is known: samples can be read one by one (seek or Range request)."""
+        return all(s.samples is not None for s in self.shards)
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, position in the shard) of global sample `index` (shards laid end to end in manifest order)."""
+        if self._starts is None:
+            self._starts = np.cumsum([0] + [s.num_samples for s in self.shards])
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return shard, index - int(self._starts[shard])
+
+    _starts: np.ndarray | None = field(default=None, init=False, repr=False)
 
 
 def resolve_dataset(spec: str, *, allow_pipe: bool = False) -> Dataset:
@@ -59,12 +79,33 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
             # allow_pipe covers URLs the user typed, never commands that a (possibly remote) manifest supplies.
             raise SegdaError(f"{spec}: shard entry {n} is a pipe: command; manifests may only list files and URLs")
         try:
-            shards.append(Shard(join_url(spec, entry["url"]), int(entry["num_samples"]), entry.get("sha256")))
+            shards.append(Shard(join_url(spec, entry["url"]), int(entry["num_samples"]), entry.get("sha256"),
+                                entry.get("bytes"), _sample_index(entry)))
         except (KeyError, TypeError, ValueError) as err:
-            raise SegdaError(f"{spec}: shard entry {n} is malformed ({err!r}); re-create the shards") from err
+            raise SegdaError(f"{spec}: shard entry {n} is malformed ({err}); re-create the shards") from err
     if not shards:
         raise SegdaError(f"{spec} lists no shards")
-    return Dataset(spec, shards, manifest)
+    ds = Dataset(spec, shards, manifest)
+    if not ds.indexed:
+        warn(f"{spec} has no per-sample byte offsets (written by segda < 0.2): each reader streams its shards from "
+             "byte 0, which fetches several times the bytes it uses at many ranks and keeps frames in shard order. "
+             "Re-run `segda shards ...` to regenerate the manifest with offsets")
+    return ds
+
+
+def _sample_index(entry: dict) -> tuple[tuple[str, int, int], ...] | None:
+    """The shard entry's "samples" ([key, offset, size] each), checked against its count and size."""
+    if "samples" not in entry:
+        return None
+    samples = tuple((str(key), int(offset), int(size)) for key, offset, size in entry["samples"])
+    if len(samples) != int(entry["num_samples"]):
+        raise ValueError(f"'samples' lists {len(samples)} samples but 'num_samples' is {entry['num_samples']}")
+    end = 0
+    for key, offset, size in samples:
+        if offset < end or size <= 0 or (entry.get("bytes") is not None and offset + size > int(entry["bytes"])):
+            raise ValueError(f"sample {key!r} has a bad byte range [{offset}, {offset + size})")
+        end = offset + size
+    return samples
 
 
 def with_counts(ds: Dataset, *, allow_pipe: bool = False) -> Dataset:

@@ -1,5 +1,18 @@
 """Who reads which samples: the pure arithmetic behind splitting a dataset over ranks and workers.
 
+Indexed datasets (a manifest with each sample's byte offset, `segda shards` >= 0.2) are read sample by sample:
+
+- Training: each epoch has one seeded permutation of ALL samples, `epoch_order(N, seed, epoch)`, defined without
+  reference to the world size. Rank r takes positions r, r + W, r + 2W, ... of it, so the b-th batches of all ranks
+  together are one contiguous stretch of the permutation: after S steps, exactly the first S x B x W samples of
+  the order have been trained on, whatever the ranks and workers (what an elastic resume needs to know).
+  Batches are uniform random draws from the whole dataset, not windows of one city.
+- The loader's batches form one endless sequence over epochs (global batch g = epoch x batches_per_epoch + b);
+  worker k of K serves g = start + k, start + k + K, ..., exactly the order in which torch's DataLoader takes
+  batches from its workers, so workers live across epochs and a resume at any step needs no bookkeeping.
+
+Datasets without offsets (older manifests, shard URL patterns, data.verify) are read shard by shard:
+
 The shards of an epoch (shuffled per epoch for training) are laid end to end as one virtual sequence of samples.
 Each rank takes a contiguous range of it, and each worker a contiguous range of its rank's batches, so every rank
 reads mostly whole shards, however many shards and slots there are, and no sample is read by two slots.
@@ -12,6 +25,7 @@ Rank and world size are arguments, never read from globals: the plan is testable
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +50,40 @@ class WorkerPlan:
     @property
     def num_samples(self) -> int:
         return sum(self.batch_sizes)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of all sample indices: a function of (seed, epoch) alone, never of the world size."""
+    return np.random.default_rng([seed, epoch, 0x0DE4]).permutation(num_samples)
+
+
+def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
+    """Batches every rank yields per epoch: floor(N / world) samples each, the last batch possibly partial."""
+    per_rank = num_samples // world
+    if per_rank == 0:
+        raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
+    return -(-per_rank // batch_size)
+
+
+def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The global sample indices of each of this rank's batches in one epoch (see the module docstring)."""
+    per_rank = num_samples // world
+    if per_rank == 0:
+        raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
+    mine = epoch_order(num_samples, seed, epoch)[: per_rank * world][rank::world]
+    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+def worker_batches(start: int, stop: int | None, worker: int, workers: int):
+    """Global batch numbers served by `worker` of `workers` (0: in-process), from `start` to `stop` (None: endless).
+
+    torch's DataLoader takes batch i from worker i mod K (it starts every iterator at worker 0), so dealing the
+    batches out the same way keeps the loader's output in global batch order.
+    """
+    k = max(workers, 1)
+    if stop is None:
+        return itertools.count(start + worker, k)
+    return range(start + worker, stop, k)
 
 
 def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:

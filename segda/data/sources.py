@@ -30,6 +30,7 @@ from typing import BinaryIO, Callable
 
 import braceexpand
 
+from segda.data import keepalive
 from segda.log import SegdaError
 
 SUPPORTED = "local paths, file://, http://, https://, s3:// and pipe: (opt-in)"
@@ -87,19 +88,64 @@ def open_url(
     """
     scheme = _scheme(url)
     if not scheme or scheme == "file":
-        return _open_local(urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url)
+        return _open_local(_local_path(url, scheme))
     if scheme == "pipe":
         if not allow_pipe:
             raise SegdaError(f"{PIPE_REFUSED}: {url}")
         return io.BufferedReader(_PipeReader(url[len("pipe:"):], timeout), _BUFFER)
-    if scheme in ("http", "https"):
-        raw = _Resumable(url, _http_connector(url, timeout), retries, backoff)
-    elif scheme == "s3":
-        raw = _Resumable(url, _s3_connector(url, timeout), retries, backoff, _botocore_transient())
+    return io.BufferedReader(_remote(url, scheme, retries, timeout, backoff), _BUFFER)
+
+
+def read_range(url: str, offset: int, size: int, *, expect_total: int | None = None, retries: int = 5,
+               timeout: float = 30.0, backoff: float = 0.5) -> bytes:
+    """Exactly bytes [offset, offset + size) of `url`: a seek for local files, one Range request for HTTP and S3
+    (resumed like `open_url` if the connection drops). `expect_total`: the object's size the caller knows (from a
+    manifest); a larger object was replaced since, and raises SegdaError. A shorter one (a truncated copy) raises
+    EOFError only if the range runs past its end."""
+    scheme = _scheme(url)
+    if not scheme or scheme == "file":
+        path = _local_path(url, scheme)
+        with _open_local(path) as f:
+            total = os.fstat(f.fileno()).st_size
+            f.seek(offset)
+            data = f.read(size)
+    elif scheme == "pipe":
+        raise SegdaError(f"{url}: a pipe: command cannot be read by byte range; use files or http(s)/s3 URLs")
     else:
-        hint = "" if "://" in url else " (write a local path containing ':' as ./path)"
-        raise SegdaError(f"unsupported URL scheme {scheme!r} in {url}; supported: {SUPPORTED}{hint}")
-    return io.BufferedReader(raw, _BUFFER)
+        with _remote(url, scheme, retries, timeout, backoff, offset, offset + size) as raw:
+            data = _read_exactly(raw, size)
+            total = raw.size
+    if expect_total is not None and total is not None and total > expect_total:
+        raise SegdaError(f"{url} is {total} bytes, its manifest says {expect_total}: the shard was replaced "
+                         "after the manifest was written; re-create the shards or re-download the manifest")
+    if len(data) != size:
+        raise EOFError(f"{url} ends at byte {offset + len(data)}, before byte {offset + size}")
+    return data
+
+
+def _read_exactly(raw: io.RawIOBase, size: int) -> bytes:
+    buf = bytearray(size)
+    view, got = memoryview(buf), 0
+    while got < size:
+        n = raw.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return bytes(buf[:got])
+
+
+def _local_path(url: str, scheme: str) -> str:
+    return urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url
+
+
+def _remote(url: str, scheme: str, retries: int, timeout: float, backoff: float, start: int = 0,
+            end: int | None = None) -> "_Resumable":
+    if scheme in ("http", "https"):
+        return _Resumable(url, _http_connector(url, timeout), retries, backoff, start=start, end=end)
+    if scheme == "s3":
+        return _Resumable(url, _s3_connector(url, timeout), retries, backoff, _botocore_transient(), start, end)
+    hint = "" if "://" in url else " (write a local path containing ':' as ./path)"
+    raise SegdaError(f"unsupported URL scheme {scheme!r} in {url}; supported: {SUPPORTED}{hint}")
 
 
 def _scheme(url: str) -> str:
@@ -124,17 +170,20 @@ class _Transient(Exception):
 _TRANSIENT: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException, _Transient)
 """OSError covers refused/reset connections, socket timeouts and urllib's URLError."""
 
-_Connector = Callable[[int], "tuple[BinaryIO, int, int | None, str | None]"]
-"""offset -> (body, offset of its first byte, total size or None, ETag or None); raises SegdaError if hopeless."""
+_Connector = Callable[[int, "int | None"], "tuple[BinaryIO, int, int | None, str | None]"]
+"""(offset, end or None) -> (body, offset of its first byte, total size or None, ETag or None); raises SegdaError
+if hopeless. `end` (exclusive) asks for a bounded Range; the body may run past it if the server ignores ranges."""
 
 
 class _Resumable(io.RawIOBase):
     """One remote object read as a single byte stream, reconnecting at the current offset after a drop."""
 
-    def __init__(self, url: str, connect: _Connector, retries: int, backoff: float, transient: tuple = ()):
+    def __init__(self, url: str, connect: _Connector, retries: int, backoff: float, transient: tuple = (),
+                 start: int = 0, end: int | None = None):
         self.url, self._connect, self._backoff = url, connect, backoff
         self._retries, self._transient = max(1, retries), _TRANSIENT + transient
-        self._body, self._offset, self._size, self._etag = None, 0, None, None
+        self._body, self._offset, self._size, self._etag = None, start, None, None
+        self._end = end  # exclusive; None: to the end of the object
         self._failures = 0
         self._retrying(self._reconnect)  # connect now: a 404 or dead server surfaces in open_url, not later
 
@@ -148,16 +197,22 @@ class _Resumable(io.RawIOBase):
         self._drop_body()
         super().close()
 
+    @property
+    def size(self) -> int | None:
+        """The whole object's size in bytes, as the server reported it (None if it did not say)."""
+        return self._size
+
     def _read_some(self, buf) -> int:
-        if self._size is not None and self._offset >= self._size:
+        limit = min(x for x in (self._size, self._end, float("inf")) if x is not None)
+        if self._offset >= limit:
             return 0
         if self._body is None:
             self._reconnect()
-        data = self._body.read(min(len(buf), _CHUNK))
+        data = self._body.read(int(min(len(buf), _CHUNK, limit - self._offset)))
         if not data:
             # http.client returns b"" when the peer closes early instead of raising, so check the length.
-            if self._size is not None:
-                raise _Transient(f"connection closed at byte {self._offset} of {self._size}")
+            if limit != float("inf"):
+                raise _Transient(f"connection closed at byte {self._offset} of {limit}")
             return 0
         buf[: len(data)] = data
         self._offset += len(data)
@@ -166,7 +221,7 @@ class _Resumable(io.RawIOBase):
 
     def _reconnect(self) -> None:
         self._drop_body()
-        body, start, size, etag = self._connect(self._offset)
+        body, start, size, etag = self._connect(self._offset, self._end)
         # Splicing two versions of an object would silently corrupt a shard: refuse if it changed under us.
         resized = None not in (size, self._size) and size != self._size
         if (etag and self._etag and etag != self._etag) or resized:
@@ -209,27 +264,31 @@ class _Resumable(io.RawIOBase):
                 pass
 
 
+def _range_header(offset: int, end: int | None) -> str:
+    return f"bytes={offset}-" if end is None else f"bytes={offset}-{end - 1}"
+
+
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
     match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", (value or "").strip())
     return (int(match[1]), None if match[2] == "*" else int(match[2])) if match else None
 
 
 def _http_connector(url: str, timeout: float) -> _Connector:
-    def connect(offset: int):
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as e:
-            e.close()
-            if e.code == 416 and offset:  # nothing past offset: the drop happened right at the end
-                return io.BytesIO(), offset, offset, None
-            if e.code >= 500 or e.code in (408, 429):
-                raise _Transient(f"HTTP {e.code} {e.reason}") from e
-            raise SegdaError(f"{url}: HTTP {e.code} {e.reason}; check the URL and that you may read it") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, ssl.SSLCertVerificationError):  # retrying cannot fix a certificate
-                raise SegdaError(f"{url}: TLS certificate rejected ({e.reason.verify_message}); check the host") from e
-            raise
+    pooled = keepalive.should_pool(url)
+
+    def connect(offset: int, end: int | None):
+        headers = {"Range": _range_header(offset, end)} if offset or end is not None else {}
+        resp = _pooled_get(url, headers, timeout) if pooled else None
+        if resp is None:  # a proxy or a redirect: urllib knows both
+            resp = _urllib_get(url, headers, timeout)
+        if resp.status == 416 and offset:  # nothing past offset: the drop happened right at the end
+            resp.close()
+            return io.BytesIO(), offset, offset, None
+        if resp.status >= 400:
+            resp.close()
+            if resp.status >= 500 or resp.status in (408, 429):
+                raise _Transient(f"HTTP {resp.status} {resp.reason}")
+            raise SegdaError(f"{url}: HTTP {resp.status} {resp.reason}; check the URL and that you may read it")
         if resp.status == 206:
             start_size = _content_range(resp.headers.get("Content-Range"))
             if start_size is None:
@@ -242,6 +301,29 @@ def _http_connector(url: str, timeout: float) -> _Connector:
         return resp, start, size, resp.headers.get("ETag")
 
     return connect
+
+
+def _pooled_get(url: str, headers: dict, timeout: float):
+    """A kept-alive GET (see segda.data.keepalive); None for a redirect, which urllib follows instead."""
+    try:
+        resp = keepalive.get(url, headers, timeout)
+    except ssl.SSLCertVerificationError as e:  # retrying cannot fix a certificate
+        raise SegdaError(f"{url}: TLS certificate rejected ({e.verify_message}); check the host") from e
+    if 300 <= resp.status < 400:
+        resp.close()
+        return None
+    return resp
+
+
+def _urllib_get(url: str, headers: dict, timeout: float):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        return e  # an HTTPError is a response too: status, reason, headers, close()
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLCertVerificationError):  # retrying cannot fix a certificate
+            raise SegdaError(f"{url}: TLS certificate rejected ({e.reason.verify_message}); check the host") from e
+        raise
 
 
 _S3_CLIENTS: dict = {}
@@ -285,12 +367,13 @@ def _botocore_transient() -> tuple:
 def _s3_connector(url: str, timeout: float) -> _Connector:
     bucket, key = _split_s3(url)
 
-    def connect(offset: int):
+    def connect(offset: int, end: int | None):
         from botocore.exceptions import ClientError, NoCredentialsError
 
         client = _s3_client(timeout)
+        ranged = {"Range": _range_header(offset, end)} if offset or end is not None else {}
         try:
-            resp = client.get_object(Bucket=bucket, Key=key, **({"Range": f"bytes={offset}-"} if offset else {}))
+            resp = client.get_object(Bucket=bucket, Key=key, **ranged)
         except NoCredentialsError as e:
             raise SegdaError(f"{url}: no AWS credentials; set AWS_PROFILE or AWS_ACCESS_KEY_ID") from e
         except ClientError as e:

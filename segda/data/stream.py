@@ -1,23 +1,21 @@
-"""Stream WebDataset shards into training and evaluation batches: split -> read -> shuffle -> decode -> batch.
+"""Stream WebDataset shards into training and evaluation batches: plan -> read -> decode -> augment -> batch.
 
-    loader, steps = train_loader(ds, cfg.data, rank=r, world=w, seed=0, epoch=e, start_step=s)
-    for batch in loader:   # {"image": uint8 (B,H,W,3), "label": uint8 (B,H,W), "key": [...], "skipped": int}
+    for batch in training_batches(ds, cfg.data, rank=r, world=w, seed=0, start=s):   # endless, over epochs
+        ...  # {"image": uint8 (B,H,W,3), "label": uint8 (B,H,W), "key": [...], "skipped": int, "epoch": int}
 
-Shards are split by rank, then by worker, inside the pipeline (`segda.data.plan`); the loader must NOT go through
+Which rank and worker reads which samples is `segda.data.plan`; the loader must NOT go through
 `accelerator.prepare`, which would re-split batches (half the data unused, or duplicates). Batches are built in
-the workers. Samples are shuffled as raw bytes and skipped before decoding when resuming mid-epoch, so a resumed
-run sees exactly the batches an uninterrupted one would have seen. Each sample's augmentation is seeded by
-(seed, epoch, key), so it does not depend on which rank or worker happens to read it.
+the workers. An indexed dataset (manifest with byte offsets) is read sample by sample in a per-epoch permutation of
+the whole dataset, through one DataLoader whose workers live across epochs. A dataset without offsets is read
+shard by shard (contiguous ranges through a shuffle buffer, one DataLoader per epoch), as segda < 0.2 did.
 
-Bad data (truncated shard, undecodable image, missing label, sha256 mismatch) is skipped with a warning naming
-the shard and key and counted in the batches' `skipped` field; `strict` raises instead.
+Each sample's augmentation is seeded by (seed, epoch, key), so it does not depend on which rank or worker reads it,
+and a resumed run sees exactly the batches an uninterrupted one would have seen. A bad sample is replaced by a
+good one of the same batch, so every rank keeps its batch count.
 """
 
 from __future__ import annotations
 
-import hashlib
-import tarfile
-import tempfile
 import zlib
 from collections import deque
 from typing import Iterator
@@ -25,88 +23,15 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from segda.config import DataConfig
 from segda.data import plan as planning
 from segda.data import transforms as T
 from segda.data.datasets import Dataset, with_counts
-from segda.data.sources import open_url
+from segda.data.reader import IMAGE_EXTS, LABEL_EXT, SampleReader, ShardReader
 from segda.log import SegdaError, warn
 
 _END = object()
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
-LABEL_EXT = "label.png"
-
-
-class ShardReader:
-    """Yields raw samples ({"__key__", image bytes, "label.png", ...}) of shard segments, skipping bad data."""
-
-    def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False):
-        self.ds, self.strict, self.verify, self.allow_pipe = ds, strict, verify, allow_pipe
-        self.skipped = 0
-
-    def segment(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        url = self.ds.shards[shard].url
-        position = 0
-        try:
-            with self._open(shard) as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                for sample in group_by_keys(files):
-                    if stop is not None and position >= stop:
-                        return
-                    position += 1
-                    if position <= start:
-                        continue
-                    if self._complete(sample, url):
-                        yield sample
-            lost = self._lost(shard, start, stop, position)
-            if lost:  # a tar that ends early, on a member boundary
-                self._bad(f"shard {url} holds {position} samples, the manifest says at least "
-                          f"{max(position, start) + lost}: {lost} planned sample(s) lost", lost)
-        except (tarfile.TarError, OSError, ValueError, EOFError) as err:
-            lost = self._lost(shard, start, stop, position)
-            self._bad(f"shard {url} is corrupt or truncated after {position} samples ({type(err).__name__}: "
-                      f"{err}); {lost} planned sample(s) lost", lost)
-
-    def _lost(self, shard: int, start: int, stop: int | None, position: int) -> int:
-        """Planned samples of [start, stop) never reached (stop None: up to the manifest's count, if known)."""
-        end = stop if stop is not None else self.ds.shards[shard].num_samples
-        return max(0, (end if end is not None else position) - max(position, start))
-
-    def _open(self, shard: int):
-        info = self.ds.shards[shard]
-        stream = open_url(info.url, allow_pipe=self.allow_pipe)
-        if not (self.verify and info.sha256):
-            return stream
-        # Refusing a bad shard means hashing it before yielding anything from it: spool it, hash, then read.
-        spool = tempfile.SpooledTemporaryFile(max_size=256 << 20)
-        digest = hashlib.sha256()
-        with stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(chunk)
-                spool.write(chunk)
-        if digest.hexdigest() != info.sha256:
-            spool.close()
-            raise ValueError(f"sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
-                             f"{info.sha256[:12]}...: re-download or re-create the shard")
-        spool.seek(0)
-        return spool
-
-    def _complete(self, sample: dict, url: str) -> bool:
-        if LABEL_EXT not in sample:
-            self._bad(f"sample {sample['__key__']} in {url} has no label ({LABEL_EXT}); skipped")
-            return False
-        if not any(ext in sample for ext in IMAGE_EXTS):
-            self._bad(f"sample {sample['__key__']} in {url} has no image ({'/'.join(IMAGE_EXTS)}); skipped")
-            return False
-        return True
-
-    def _bad(self, message: str, count: int = 1) -> None:
-        if self.strict:
-            raise SegdaError(message + " (strict mode; set data.strict=false to skip bad data)")
-        warn(message)
-        self.skipped += count
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -114,14 +39,9 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
     return T.decode_image(sample[ext]), T.decode_label(sample[LABEL_EXT])
 
 
-def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
-    buffer: list[dict] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(int(rng.integers(len(buffer))))
-    while buffer:
-        yield buffer.pop(int(rng.integers(len(buffer))))
+def reads_by_sample(ds: Dataset, cfg: DataConfig) -> bool:
+    """Random access when the manifest allows it; data.verify hashes whole shards, so it reads them whole."""
+    return ds.indexed and not cfg.verify
 
 
 def _worker_index() -> int:
@@ -129,20 +49,109 @@ def _worker_index() -> int:
     return 0 if info is None else info.id
 
 
+def _frames_per_batch(cfg: DataConfig) -> int:
+    return cfg.batch_size // cfg.crops_per_frame  # the plan counts frames, a batch holds crops
+
+
+class _Augmenter:
+    """Decode a raw sample once and cut `crops_per_frame` augmented crops from it, seeded by (seed, epoch, key)."""
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def crops(self, sample: dict, epoch: int, reader) -> list[tuple] | None:
+        key = sample["__key__"]
+        try:
+            image, label = decode_sample(sample)
+        except T.DecodeError as err:
+            reader._bad(f"sample {key} in {sample['__url__']}: {err}; skipped")
+            return None
+        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
+        return [(key, *self._augment(image, label, rng)) for _ in range(self.cfg.crops_per_frame)]
+
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        cfg = self.cfg
+        image, label = T.random_scale_crop(image, label, rng, cfg.base_size, cfg.scale_range, cfg.crop_size,
+                                           cfg.cat_max_ratio)
+        if cfg.flip:
+            image, label = T.random_flip(image, label, rng)
+        if cfg.photometric:
+            image = T.photometric_distortion(image, rng)
+        return image, label
+
+
 class TrainStream(IterableDataset):
-    """One epoch of training batches for one rank; every rank yields exactly `num_batches` batches."""
+    """Training batches of one rank, global batch numbers [start, stop) (stop None: endless), from an indexed
+    dataset. Batch g is batch g mod E of epoch g // E (E batches per epoch), whoever reads it."""
+
+    def __init__(self, ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, start: int = 0,
+                 stop: int | None = None):
+        _check_trainable(ds, world)
+        self.ds, self.cfg, self.rank, self.world, self.seed = ds, cfg, rank, world, seed
+        self.start, self.stop = start, stop
+        self.batches_per_epoch = planning.batches_per_epoch(ds.num_samples, world, _frames_per_batch(cfg))
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.stop is None else self.stop - self.start
+
+    def __iter__(self):
+        return self.worker_iter(_worker_index())
+
+    def worker_iter(self, worker: int) -> Iterator[dict]:
+        """What loader worker `worker` yields (benchmarks call this to simulate many workers in one process)."""
+        reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads)
+        augmenter = _Augmenter(self.cfg, self.seed)
+        numbers = iter(planning.worker_batches(self.start, self.stop, worker, self.cfg.workers))
+        number = next(numbers, None)
+        ahead = self._fetch(reader, number)
+        try:
+            while number is not None:
+                following = next(numbers, None)
+                pending, ahead = ahead, self._fetch(reader, following)  # the next batch's reads overlap this one
+                yield self._batch(reader, augmenter, number, pending)
+                number = following
+        finally:
+            reader.close()
+
+    def _fetch(self, reader: SampleReader, number: int | None):
+        if number is None:
+            return None
+        epoch, b = divmod(number, self.batches_per_epoch)
+        return reader.fetch([self.ds.locate(int(i)) for i in self._epoch_batches(epoch)[b]])
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if getattr(self, "_cached", (None,))[0] != epoch:
+            self._cached = (epoch, planning.rank_batches(self.ds.num_samples, self.rank, self.world,
+                                                         _frames_per_batch(self.cfg), self.seed, epoch))
+        return self._cached[1]
+
+    def _batch(self, reader: SampleReader, augmenter: _Augmenter, number: int, fetched) -> dict:
+        epoch, b = divmod(number, self.batches_per_epoch)
+        batches = self._epoch_batches(epoch)
+        frames = [[None if s is None else augmenter.crops(s, epoch, reader) for s in reader.read(fetched)]]
+        while not any(c is not None for c in frames[-1]):  # all bad: borrow from the rank's next batches
+            if len(frames) > len(batches):
+                raise SegdaError(f"rank {self.rank} found no readable sample in {self.ds.spec}; check the "
+                                 "warnings above")
+            counted = reader.skipped
+            more = [self.ds.locate(int(i)) for i in batches[(b + len(frames)) % len(batches)]]
+            frames.append([None if s is None else augmenter.crops(s, epoch, reader) for s in reader.read(more)])
+            reader.skipped = counted  # borrowed frames' problems belong to their own batch
+        good = [c for c in frames[-1] if c is not None]
+        filled = [c if c is not None else good[i % len(good)] for i, c in enumerate(frames[0])]
+        return {**_collate([crop for crops in filled for crop in crops], reader), "epoch": epoch}
+
+
+class SequentialTrainStream(IterableDataset):
+    """One epoch of training batches for one rank, read shard by shard (datasets without byte offsets)."""
 
     def __init__(self, ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, epoch: int,
                  start_step: int = 0):
-        if not ds.counts_known:
-            raise SegdaError(f"training needs per-shard sample counts: point data.train at the manifest of "
-                             f"{ds.spec} (written by `segda shards`), or count them with with_counts()")
+        _check_trainable(ds, world)
         self.ds, self.cfg, self.seed, self.epoch, self.rank = ds, cfg, seed, epoch, rank
         counts = [s.num_samples for s in ds.shards]
-        frames_per_batch = cfg.batch_size // cfg.crops_per_frame  # the plan counts frames, a batch holds crops
-        if sum(counts) < world:
-            raise SegdaError(f"{ds.spec} has {sum(counts)} samples: too few for {world} processes")
-        self.plans = planning.train_plan(counts, rank, world, cfg.workers, frames_per_batch, seed, epoch)
+        self.plans = planning.train_plan(counts, rank, world, cfg.workers, _frames_per_batch(cfg), seed, epoch)
         self.skip_batches = planning.batches_consumed([len(p.batch_sizes) for p in self.plans], start_step)
         # torch's DataLoader always starts its round-robin at worker 0; the uninterrupted run would take the next
         # batch from plan (start_step mod K), so DataLoader worker w serves plan (w + rotation) mod K.
@@ -153,7 +162,10 @@ class TrainStream(IterableDataset):
         return sum(len(p.batch_sizes) - s for p, s in zip(self.plans, self.skip_batches))
 
     def __iter__(self):
-        worker = (_worker_index() + self.rotation) % len(self.plans)
+        return self.worker_iter(_worker_index())
+
+    def worker_iter(self, loader_worker: int) -> Iterator[dict]:
+        worker = (loader_worker + self.rotation) % len(self.plans)
         plan, skip = self.plans[worker], self.skip_batches[worker]
         reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
                              allow_pipe=self.cfg.allow_pipe)
@@ -162,7 +174,8 @@ class TrainStream(IterableDataset):
         stream = _shuffled(raw, self.cfg.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # resume: drop what was already trained on, undecoded
             next(stream, None)
-        frames = self._augmented(stream, reader)
+        augmenter = _Augmenter(self.cfg, self.seed)
+        frames = (augmenter.crops(s, self.epoch, reader) for s in stream)
         recent: deque = deque(maxlen=max(plan.batch_sizes, default=1))
         for size in plan.batch_sizes[skip:]:
             batch = []
@@ -177,34 +190,28 @@ class TrainStream(IterableDataset):
                     crops = recent[len(batch) % len(recent)]
                 recent.append(crops)
                 batch.extend(crops)
-            yield _collate(batch, reader)
-
-    def _augmented(self, stream: Iterator[dict], reader: ShardReader) -> Iterator[list[tuple] | None]:
-        """Decode each frame once and cut `crops_per_frame` independent augmented crops from it (None: bad frame)."""
-        cfg = self.cfg
-        for sample in stream:
-            key = sample["__key__"]
-            try:
-                image, label = decode_sample(sample)
-            except T.DecodeError as err:
-                reader._bad(f"sample {key} in {sample['__url__']}: {err}; skipped")
-                yield None  # keeps one raw sample = one batch slot, so resume positions stay exact
-                continue
-            rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
-            yield [(key, *self._augment(image, label, rng)) for _ in range(cfg.crops_per_frame)]
-
-    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        cfg = self.cfg
-        image, label = T.random_scale_crop(image, label, rng, cfg.base_size, cfg.scale_range, cfg.crop_size,
-                                           cfg.cat_max_ratio)
-        if cfg.flip:
-            image, label = T.random_flip(image, label, rng)
-        if cfg.photometric:
-            image = T.photometric_distortion(image, rng)
-        return image, label
+            yield {**_collate(batch, reader), "epoch": self.epoch}
 
 
-def _collate(batch: list[tuple], reader: ShardReader) -> dict:
+def _check_trainable(ds: Dataset, world: int) -> None:
+    if not ds.counts_known:
+        raise SegdaError(f"training needs per-shard sample counts: point data.train at the manifest of "
+                         f"{ds.spec} (written by `segda shards`), or count them with with_counts()")
+    if ds.num_samples < world:
+        raise SegdaError(f"{ds.spec} has {ds.num_samples} samples: too few for {world} processes")
+
+
+def _shuffled(samples: Iterator[dict], buffer_size: int, rng: np.random.Generator) -> Iterator[dict]:
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
+def _collate(batch: list[tuple], reader) -> dict:
     skipped, reader.skipped = reader.skipped, 0
     return {
         "key": [k for k, _, _ in batch],
@@ -234,22 +241,32 @@ class EvalStream(IterableDataset):
                           for shards in planning.eval_plan_unknown_counts(len(ds.shards), rank, world, workers)]
 
     def __iter__(self):
-        reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
-                             allow_pipe=self.cfg.allow_pipe)
+        return self.worker_iter(_worker_index())
+
+    def worker_iter(self, worker: int) -> Iterator[dict]:
+        tasks = self.tasks[worker]
+        if reads_by_sample(self.ds, self.cfg):
+            reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads)
+            raw = reader.read([(shard, p) for shard, start, stop in tasks for p in range(start, stop)])
+        else:
+            reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
+                                 allow_pipe=self.cfg.allow_pipe)
+            raw = (s for shard, start, stop in tasks for s in reader.segment(shard, start, stop))
         batch: list[tuple] = []
-        for shard, start, stop in self.tasks[_worker_index()]:
-            for sample in reader.segment(shard, start, stop):
-                try:
-                    image, label = decode_sample(sample)
-                except T.DecodeError as err:
-                    reader._bad(f"sample {sample['__key__']} in {sample['__url__']}: {err}; skipped")
-                    continue
-                if self.resize:
-                    image = T.resize_image(image, self.resize)
-                batch.append((sample["__key__"], image, label))
-                if len(batch) == self.batch_size:
-                    yield _eval_batch(batch, reader)
-                    batch = []
+        for sample in raw:
+            if sample is None:
+                continue
+            try:
+                image, label = decode_sample(sample)
+            except T.DecodeError as err:
+                reader._bad(f"sample {sample['__key__']} in {sample['__url__']}: {err}; skipped")
+                continue
+            if self.resize:
+                image = T.resize_image(image, self.resize)
+            batch.append((sample["__key__"], image, label))
+            if len(batch) == self.batch_size:
+                yield _eval_batch(batch, reader)
+                batch = []
         if batch or reader.skipped:
             yield _eval_batch(batch, reader)
 
@@ -262,7 +279,7 @@ def _truncate(counts: list[int], limit: int) -> list[int]:
     return out
 
 
-def _eval_batch(batch: list[tuple], reader: ShardReader) -> dict:
+def _eval_batch(batch: list[tuple], reader) -> dict:
     skipped, reader.skipped = reader.skipped, 0
     return {"key": [k for k, _, _ in batch], "image": [torch.from_numpy(i) for _, i, _ in batch],
             "label": [torch.from_numpy(lab) for _, _, lab in batch], "skipped": skipped}
@@ -279,16 +296,51 @@ def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoad
     # Its own generator: starting an iterator draws a seed, and drawing it from the global RNG would shift the
     # model's dropout randomness whenever a run resumes mid-epoch (an extra loader start), breaking exact resume.
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False,
-                      generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+
+
+def batches_per_epoch(ds: Dataset, cfg: DataConfig, world: int) -> int:
+    """Batches each rank yields per epoch (equal on every rank)."""
+    _check_trainable(ds, world)
+    return planning.batches_per_epoch(ds.num_samples, world, _frames_per_batch(cfg))
+
+
+def train_stream(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, epoch: int,
+                 start_step: int = 0) -> TrainStream | SequentialTrainStream:
+    """One training epoch of one rank from `start_step` on, read by sample (indexed) or by shard."""
+    if reads_by_sample(ds, cfg):
+        per_epoch = batches_per_epoch(ds, cfg, world)
+        return TrainStream(ds, cfg, rank=rank, world=world, seed=seed, start=epoch * per_epoch + start_step,
+                           stop=(epoch + 1) * per_epoch)
+    return SequentialTrainStream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
 
 
 def train_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, epoch: int,
                  start_step: int = 0, pin_memory: bool = False) -> tuple[DataLoader, int]:
     """The loader of one training epoch for one rank, positioned at `start_step`, and its number of batches."""
     _warn_unverifiable(ds, cfg)
-    stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
+    stream = train_stream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
     return _loader(stream, cfg.workers, pin_memory), stream.num_batches
+
+
+def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, start: int = 0,
+                     pin_memory: bool = False) -> Iterator[dict]:
+    """Endless training batches of one rank from global batch `start` on (epoch x batches_per_epoch + step).
+
+    Indexed datasets go through one DataLoader whose workers live across epochs (no restart stall at each epoch
+    boundary); the others get one DataLoader per epoch. Close the generator to stop the workers.
+    """
+    _warn_unverifiable(ds, cfg)
+    per_epoch = batches_per_epoch(ds, cfg, world)
+    if reads_by_sample(ds, cfg):
+        stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, start=start)
+        yield from _loader(stream, cfg.workers, pin_memory)
+        return
+    epoch, step = divmod(start, per_epoch)
+    while True:
+        stream = train_stream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=step)
+        yield from _loader(stream, cfg.workers, pin_memory)
+        epoch, step = epoch + 1, 0
 
 
 def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_size: int = 1,
@@ -298,4 +350,5 @@ def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_si
     return _loader(stream, cfg.workers, pin_memory)
 
 
-__all__ = ["ShardReader", "TrainStream", "EvalStream", "train_loader", "eval_loader", "with_counts"]
+__all__ = ["TrainStream", "SequentialTrainStream", "EvalStream", "train_stream", "train_loader", "training_batches",
+           "eval_loader", "batches_per_epoch", "with_counts"]

@@ -33,7 +33,8 @@ from segda.log import SegdaError, info, warn
 from segda.shards.encode import BadSample, EncodeOptions, Encoded, encode_sample
 from segda.shards.layouts import Orphan, RawSample, find_samples
 
-MANIFEST_FORMAT = "segda.shards/1"
+MANIFEST_FORMAT = "segda.shards/2"
+"""/2 adds each shard's "samples": [key, byte offset, byte size] per sample, for random access. Readers accept /1."""
 PARTS_DIR = ".segda-parts"
 _TAR_MTIME = 0  # fixed member metadata: byte-identical shards across runs and machines
 
@@ -143,18 +144,21 @@ def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results,
     name = f"{split}-{index:06d}.tar"
     good = [r for r in results if isinstance(r, Encoded)]
     # Straight into the temporary file (a shard of real frames is ~1 GB: never held in memory), renamed when done.
+    sample_ranges = []  # [key, offset, size] of each sample's members: readers fetch exactly these bytes
     with atomic.atomic_path(out / name) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for enc in good:
+                start = tar.offset
                 for member, data in enc.members:
                     tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+                sample_ranges.append([enc.key, start, tar.offset - start])
         size, digest = tmp.stat().st_size, _sha256_file(tmp)  # read back from the page cache
     pixels = sum((r.class_pixels for r in good), np.zeros(NUM_CLASSES, np.int64))
     record = {
         "url": name, "num_samples": len(good), "bytes": size, "sha256": digest,
         "class_pixels": pixels.tolist(), "ignore_pixels": sum(r.ignore_pixels for r in good),
         "skipped": [asdict(r) for r in results if isinstance(r, Orphan)],
-        "keys": [s.key for s in shard], "fingerprint": fingerprint,
+        "keys": [s.key for s in shard], "fingerprint": fingerprint, "samples": sample_ranges,
     }
     # The part record is written after the shard: a record always describes a complete shard.
     atomic.write_json(parts / f"{split}-{index:06d}.json", record)
@@ -179,6 +183,8 @@ def _reusable(out: Path, parts: Path, split: str, index: int, shard, fingerprint
     except (OSError, ValueError):
         return None
     if record.get("fingerprint") != fingerprint or record.get("keys") != [s.key for s in shard]:
+        return None
+    if "samples" not in record:  # written before manifests carried byte offsets
         return None
     if record.get("sha256") != _sha256_file(tar):
         return None
@@ -214,7 +220,7 @@ def _manifest(dataset, root, encode: EncodeOptions, opts: CreateOptions, records
         "split": encode.split,
         "num_samples": sum(r["num_samples"] for r in records),
         "num_shards": len(records),
-        "shards": [{k: r[k] for k in ("url", "num_samples", "bytes", "sha256")} for r in records],
+        "shards": [{k: r[k] for k in ("url", "num_samples", "bytes", "sha256", "samples")} for r in records],
         "class_names": list(CLASS_NAMES),
         "class_pixels": class_pixels,
         "ignore_pixels": int(sum(r["ignore_pixels"] for r in records)),
