@@ -225,6 +225,17 @@ def _add_bench(sub) -> None:
     shards.add_argument("--split", default="train")
     shards.add_argument("--workers", type=int, default=1)
     shards.add_argument("--repeats", type=int, default=3)
+    stream = kinds.add_parser("stream", help="W ranks x K workers in one process against counting HTTP/S3 servers")
+    stream.add_argument("--world", type=int, default=8, help="simulated ranks (default 8)")
+    stream.add_argument("--workers", type=int, default=8, help="loader workers per rank (default 8)")
+    stream.add_argument("--train", type=int, default=2975, help="training frames (default: Cityscapes' 2,975)")
+    stream.add_argument("--val", type=int, default=500, help="validation frames (default: Cityscapes' 500)")
+    stream.add_argument("--shard-size", type=int, default=256)
+    stream.add_argument("--size", type=_size, default=(64, 32), help="frame WIDTHxHEIGHT (default 64x32)")
+    stream.add_argument("--batch", type=int, default=8, help="frames per batch per rank (default 8)")
+    stream.add_argument("--sources", default="http,s3", help="comma-separated: http, s3 (default both)")
+    stream.add_argument("--data-dir", default=None, help="keep the generated shards here and reuse them")
+    stream.add_argument("--no-stall", action="store_true", help="skip the real-DataLoader epoch-boundary stall")
     p.set_defaults(run=_run_bench)
 
 
@@ -236,6 +247,12 @@ def _run_bench(args) -> int:
                            args.base_size, args.crops_per_frame)
     elif args.kind == "train":
         bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device)
+    elif args.kind == "stream":
+        from segda.bench_stream import bench_stream
+
+        bench_stream(args.world, args.workers, data_dir=args.data_dir, train=args.train, val=args.val,
+                     shard_size=args.shard_size, size=args.size, batch=args.batch,
+                     sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), stall=not args.no_stall)
     else:
         bench.bench_shards(args.dataset, args.raw, args.split, args.workers, args.repeats)
     return 0

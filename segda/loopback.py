@@ -1,6 +1,8 @@
-"""Loopback servers for streaming tests: an HTTP file server and a real moto S3 server, both with fault injection.
+"""Loopback servers for streaming tests and `segda bench stream`: an HTTP file server that answers Range requests,
+and a real moto S3 server behind a proxy. Both count the requests and body bytes they serve (`.traffic`) and can
+inject faults (`.faults`). They listen on 127.0.0.1 only.
 
-Used through the `http_server` and `s3_server` fixtures in conftest.py. Faults fire once per path (the first GET
+The tests use them through the `http_server` and `s3_server` fixtures in tests/conftest.py. Faults fire once per path (the first GET
 of it), so a client that retries or resumes succeeds and a test can check that it did, from `faults.requests`.
 S3 faults work by putting a small HTTP proxy between the client and `moto_server`: the client really re-requests
 the missing byte range from moto, nothing in the client is patched.
@@ -9,6 +11,7 @@ the missing byte range from moto, nothing in the client is patched.
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import shutil
 import socket
@@ -24,6 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+TRAFFIC_PATH = "/__traffic__"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 
 
@@ -65,11 +69,36 @@ class Faults:
             return None, None
 
 
+@dataclass
+class Traffic:
+    """What a server answered to GET requests: how many, and how many body bytes it sent."""
+
+    requests: int = 0
+    bytes: int = 0
+    connections: int = 0
+    """TCP connections accepted (a client that keeps connections alive makes far fewer than requests)."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def connected(self) -> None:
+        with self._lock:
+            self.connections += 1
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.bytes += nbytes
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     faults: Faults
+    traffic: Traffic
     root: Path | None = None
     upstream: tuple[str, int] | None = None
+
+    def process_request(self, request, client_address):
+        self.traffic.connected()
+        super().process_request(request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # aborted connections are the point of these servers
@@ -78,6 +107,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle's algorithm on, a kept-alive connection waits ~40 ms for
+    # the client's delayed ACK before each body. Real servers set TCP_NODELAY too.
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format, *args):
@@ -98,9 +130,39 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        self.wfile.write(body if drop is None else body[:drop])
+        self._send_counted(body if drop is None else body[:drop])
         if drop is not None:
             self.cut()
+
+    def answered_traffic(self) -> bool:
+        """GET /__traffic__ answers the counters as JSON (?reset=1 zeroes them), uncounted: how a benchmark reads
+        a server that runs in another process."""
+        parts = urlsplit(self.path)
+        if self.command != "GET" or parts.path != TRAFFIC_PATH:
+            return False
+        traffic = self.server.traffic
+        body = json.dumps({"requests": traffic.requests, "bytes": traffic.bytes,
+                           "connections": traffic.connections}).encode()
+        if "reset=1" in parts.query:
+            self.server.traffic = Traffic()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
+    def _send_counted(self, body: bytes) -> None:
+        """Write the body in chunks, counting what reached the socket: a client that hangs up mid-body (a reader
+        that needed only the head of a shard) is charged for what was sent, as object storage would charge it."""
+        view, sent = memoryview(body), 0
+        try:
+            while sent < len(body):
+                self.wfile.write(view[sent:sent + (1 << 16)])
+                sent += len(view[sent:sent + (1 << 16)])
+        finally:
+            if self.command == "GET":
+                self.server.traffic.add(sent)
 
     def cut(self) -> None:
         time.sleep(self.server.faults.stall)
@@ -112,21 +174,26 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _FileHandler(_Handler):
     def do_GET(self):
+        if self.answered_traffic():
+            return
         path = unquote(urlsplit(self.path).path)
         root = self.server.root.resolve()
         file = (root / path.lstrip("/")).resolve()
         if path in self.server.faults.not_found or root not in file.parents or not file.is_file():
             return self.reply(404, {"Content-Type": "text/plain"}, b"not found\n")
-        data = file.read_bytes()
-        headers = {"Accept-Ranges": "bytes", "ETag": f'"{file.stat().st_mtime_ns}-{len(data)}"'}
+        stat = file.stat()
+        size = stat.st_size
+        headers = {"Accept-Ranges": "bytes", "ETag": f'"{stat.st_mtime_ns}-{size}"'}
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if not match or self.server.faults.ignore_range:
-            return self.reply(200, headers, data)
-        start, end = int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)
-        if start >= len(data):
-            return self.reply(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self.reply(206, headers, data[start : end + 1])
+            return self.reply(200, headers, file.read_bytes())
+        start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+        if start >= size:
+            return self.reply(416, {"Content-Range": f"bytes */{size}"}, b"")
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        with open(file, "rb") as f:  # only the asked-for bytes: a shard can be gigabytes
+            f.seek(start)
+            self.reply(206, headers, f.read(end + 1 - start))
 
     do_HEAD = do_GET
 
@@ -135,6 +202,8 @@ class _ProxyHandler(_Handler):
     """Forwards each request to moto, buffering the answer so faults can cut its body at an exact byte."""
 
     def forward(self):
+        if self.answered_traffic():
+            return
         if "chunked" in self.headers.get("Transfer-Encoding", ""):
             body = self._read_chunked()
         else:
@@ -168,6 +237,7 @@ class LoopbackServer:
     def __init__(self, handler: type[_Handler], root: Path | None = None, upstream: tuple[str, int] | None = None):
         self._server = _Server(("127.0.0.1", 0), handler)
         self._server.faults, self._server.root, self._server.upstream = Faults(), root, upstream
+        self._server.traffic = Traffic()
         self.root = root
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
@@ -180,6 +250,13 @@ class LoopbackServer:
     @faults.setter
     def faults(self, value: Faults) -> None:
         self._server.faults = value
+
+    @property
+    def traffic(self) -> Traffic:
+        return self._server.traffic
+
+    def reset_traffic(self) -> None:
+        self._server.traffic = Traffic()
 
     def close(self) -> None:
         self._server.shutdown()
@@ -247,6 +324,14 @@ class MotoS3:
     def faults(self, value: Faults) -> None:
         self._proxy.faults = value
 
+    @property
+    def traffic(self) -> Traffic:
+        """Requests and bytes that went through the proxy (uploads made with `.upload()` bypass it)."""
+        return self._proxy.traffic
+
+    def reset_traffic(self) -> None:
+        self._proxy.reset_traffic()
+
     def client(self):
         """A boto3 client talking to moto directly (no proxy, no faults), independent of the environment."""
         import boto3
@@ -275,3 +360,24 @@ class MotoS3:
             self._proc.kill()
             self._proc.wait()
         self._log.close()
+
+
+def serve_main(argv: list[str]) -> None:
+    """`python -m segda.loopback http ROOT` or `... s3 LOG_FILE`: run one server in this process, print its
+    addresses as one JSON line, and stop when standard input closes (when the parent process exits)."""
+    kind, where = argv
+    if kind == "http":
+        server = http_file_server(Path(where))
+        print(json.dumps({"url": server.url}), flush=True)
+    else:
+        server = MotoS3(Path(where))
+        print(json.dumps({"endpoint": server.endpoint, "direct": server.direct_endpoint, "bucket": server.bucket}),
+              flush=True)
+    try:
+        sys.stdin.read()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    serve_main(sys.argv[1:])

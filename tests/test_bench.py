@@ -20,3 +20,18 @@ def test_bench_loader_train_and_shards_report_ratios(gta5_manifest, tmp_path):
     assert re.search(r"creators speed.*: [\d.]+x", proc.stdout), proc.stdout
     proc = segda("bench", "train", "--crop", 32, "--batch", 1, "--steps", 1, "--repeats", 1)
     assert re.search(r"train step speed-up .*: \d+\.\dx", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_stream_simulates_ranks_against_counting_servers(tmp_path):
+    proc = segda("bench", "stream", "--world", 4, "--workers", 2, "--train", 40, "--val", 12, "--shard-size", 8,
+                 "--batch", 3, "--data-dir", tmp_path / "data", timeout=600)
+    rows = {m.groups()[:2]: m.groups()[2:] for m in re.finditer(
+        r"^\| (http|s3) \| (baseline|segda) \| ([\d.]+)x \| [\d.]+ \| ([\d.]+)x \| [\d.]+ \| (\w+), (\w+) \|",
+        proc.stdout, re.M)}
+    assert set(rows) == {(s, m) for s in ("http", "s3") for m in ("baseline", "segda")}, proc.stdout
+    for (source, mode), (train, evaluation, once_train, once_eval) in rows.items():
+        assert once_train == once_eval == "True"
+        if mode == "segda":
+            assert float(train) <= 1.05 and float(evaluation) <= 1.05, proc.stdout
+    assert re.search(r"http: bytes fetched per byte used, training [\d.]+x -> 1\.00x", proc.stdout)

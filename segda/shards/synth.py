@@ -30,6 +30,14 @@ from segda.classes import label_id_palette
 
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster"),
           "test": ("berlin", "bielefeld")}
+REAL_CITY_FRAMES = {
+    "train": {"aachen": 174, "bochum": 96, "bremen": 316, "cologne": 154, "darmstadt": 85, "dusseldorf": 221,
+              "erfurt": 109, "hamburg": 248, "hanover": 196, "jena": 119, "krefeld": 99, "monchengladbach": 94,
+              "strasbourg": 365, "stuttgart": 196, "tubingen": 144, "ulm": 95, "weimar": 142, "zurich": 122},
+    "val": {"frankfurt": 267, "lindau": 59, "munster": 174},
+}
+"""Frames per city in the real Cityscapes fine splits (2,975 train, 500 val): `segda bench stream` uses them to
+make datasets whose shards hold long runs of one city, as the real ones do."""
 QUIRK_PERIOD = 20
 """One GTA5 frame in QUIRK_PERIOD has an image a few pixels wider than its label, as in the real release."""
 
@@ -448,20 +456,38 @@ def synth_gta5(out: str | Path, num: int, size: tuple[int, int] = (320, 176), se
 
 
 def synth_cityscapes(out: str | Path, split: str, num: int, size: tuple[int, int] = (320, 160), seed: int = 0,
-                     progress: bool = False) -> int:
+                     progress: bool = False, real_cities: bool = False) -> int:
     """Write `num` photo-style frames of one split in the leftImg8bit/gtFine layout (labels: 8-bit label ids).
 
     Frame i goes to city i % len(cities) with sequence number i // len(cities) and frame number 19 (the annotated
-    frame of every real Cityscapes snippet).
+    frame of every real Cityscapes snippet). `real_cities`: the real split's cities and frames per city instead
+    (`REAL_CITY_FRAMES`, filled in order; `num` is the real count for a realistic dataset).
     """
     if split not in CITIES:
         raise ValueError(f"unknown Cityscapes split {split!r}; choose one of {', '.join(CITIES)}")
     _check(num, size)
     out, cities = Path(out), CITIES[split]
+    names = _real_city_names(split, num) if real_cities else None
     for i in tqdm(range(num), desc=f"synth cityscapes {split}", disable=not progress):
         img, lab = _render(size, _CITY, np.random.default_rng([seed, i, 1, list(CITIES).index(split)]))
         city = cities[i % len(cities)]
         name = f"{city}_{i // len(cities):06d}_{19:06d}"
+        if names:
+            city, name = names[i]
         atomic.write_bytes(out / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", _png(img))
         atomic.write_bytes(out / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", _png(lab))
     return num
+
+
+def _real_city_names(split: str, num: int) -> list[tuple[str, str]]:
+    """(city, frame name) for `num` frames filling the real cities in order; past the real count, sequence numbers
+    go on from 1000 per round."""
+    frames = REAL_CITY_FRAMES.get(split)
+    if not frames:
+        raise ValueError(f"no real city table for split {split!r}; choose one of {', '.join(REAL_CITY_FRAMES)}")
+    slots = [(city, seq) for city, count in frames.items() for seq in range(count)]
+    named = []
+    for i in range(num):
+        city, seq = slots[i % len(slots)]
+        named.append((city, f"{city}_{seq + 1000 * (i // len(slots)):06d}_{19:06d}"))
+    return named

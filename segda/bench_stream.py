@@ -1,0 +1,260 @@
+"""`segda bench stream`: W ranks x K loader workers, simulated in one process, reading real shards from real
+HTTP and S3 servers on 127.0.0.1 that count the requests and bytes they serve.
+
+    segda bench stream --world 64 --workers 8            # Cityscapes counts: 2,975 train, 500 val, shards of 256
+
+The same shards are read twice per source: through a manifest without byte offsets (the baseline: what segda < 0.2
+wrote; readers stream each shard from byte 0) and through the indexed manifest (sample-by-sample reads in a global
+per-epoch permutation). For one training epoch and one evaluation pass it prints:
+
+- bytes fetched / bytes used (the samples' own tar bytes) and requests per sample;
+- exactly-once: every planned sample once (training: all but the N mod W remainder), equal batch counts per rank;
+- batch composition: mean distinct cities per training batch, divided by its expectation for a uniformly shuffled
+  batch of the same size (1.0 = looks uniform; 1/E = every batch is one city);
+- loader samples/s of this one process reading every slot in turn (decode and augmentation included), and its CPU
+  time per sample (the servers run in their own processes: on a 2-core machine they compete for the cores, so the
+  CPU figure is the reader's own cost);
+- the epoch-boundary stall of a real DataLoader with K worker processes (rank 0 of W): the wait for the first batch
+  of epoch 1 against the median wait between batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from contextlib import ExitStack
+from math import comb
+from pathlib import Path
+
+from segda.config import DataConfig
+from segda.data.datasets import Dataset, resolve_dataset
+from segda.data.stream import EvalStream, train_stream, training_batches
+from segda.log import info
+from segda.loopback import TRAFFIC_PATH
+
+MODES = ("baseline", "segda")
+
+
+def make_cityscapes_like(root: Path, train: int, val: int, shard_size: int, size: tuple[int, int]) -> dict:
+    """Small frames in the real Cityscapes cities and counts, as shards + an indexed and a legacy manifest each."""
+    from segda.shards.encode import EncodeOptions
+    from segda.shards.synth import synth_cityscapes
+    from segda.shards.writer import CreateOptions, create_shards, manifest_path
+
+    manifests = {}
+    for split, num in (("train", train), ("val", val)):
+        legacy = root / "shards" / f"{split}-manifest-no-offsets.json"
+        stamp = root / f"{split}.json"
+        wanted = {"num": num, "shard_size": shard_size, "size": list(size)}
+        if not (legacy.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+            synth_cityscapes(root / "raw", split, num, size=size, real_cities=True)
+            create_shards("cityscapes", root / "raw", root / "shards", EncodeOptions("cityscapes", split),
+                          CreateOptions(shard_size=shard_size, workers=1), progress=False)
+            manifest = json.loads(manifest_path(root / "shards", split).read_text())
+            for shard in manifest["shards"]:
+                del shard["samples"]
+            legacy.write_text(json.dumps(manifest))
+            stamp.write_text(json.dumps(wanted))
+        manifests[split] = {"segda": manifest_path(root / "shards", split).name, "baseline": legacy.name}
+    return manifests
+
+
+class _Server:
+    """A loopback server (segda.loopback) in a child process, so that serving does not compete with the reader
+    for this process's interpreter lock; its request and byte counters are read over HTTP."""
+
+    def __init__(self, kind: str, where: Path, stack: ExitStack):
+        self._proc = subprocess.Popen([sys.executable, "-m", "segda.loopback", kind, str(where)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stack.callback(self._stop)
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {kind} server did not start (exit status {self._proc.wait()})")
+        self.addresses = json.loads(line)
+        self._control = self.addresses.get("url") or self.addresses["endpoint"]
+
+    def traffic(self, reset: bool = False) -> tuple[int, int]:
+        """(requests, body bytes) served since the last reset."""
+        query = "?reset=1" if reset else ""
+        with urllib.request.urlopen(f"{self._control}{TRAFFIC_PATH}{query}", timeout=30) as resp:
+            counts = json.loads(resp.read())
+        return counts["requests"], counts["bytes"]
+
+    def _stop(self) -> None:
+        self._proc.stdin.close()  # the server's signal to shut down
+        try:
+            self._proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+
+
+def _serve(folder: Path, kinds: list[str], stack: ExitStack) -> dict[str, tuple[_Server, str]]:
+    """The shard folder served over HTTP and (when moto is installed) S3: {source: (server, base URL)}."""
+    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+    served = {}
+    if "http" in kinds:
+        server = _Server("http", folder, stack)
+        served["http"] = (server, server.addresses["url"])
+    if "s3" in kinds:
+        try:
+            import boto3
+            server = _Server("s3", folder.parent / "moto_server.log", stack)
+        except (ImportError, RuntimeError) as err:
+            info(f"s3: skipped ({err}); `pip install -e .[dev]` installs moto")
+            return served
+        where = server.addresses
+        access = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+        client = boto3.session.Session().client("s3", endpoint_url=where["direct"], **access)
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                client.upload_file(str(f), where["bucket"], f"bench/{f.name}")
+        os.environ.update(AWS_ENDPOINT_URL=where["endpoint"], AWS_ACCESS_KEY_ID="testing",
+                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        served["s3"] = (server, f"s3://{where['bucket']}/bench")
+    return served
+
+
+def city_composition(batches: list[list[str]], all_keys: list[str]) -> float:
+    """Mean distinct cities per batch / the mean for uniformly drawn batches of the same sizes (1.0 = uniform)."""
+    per_city = Counter(key.split("_")[0] for key in all_keys)
+    total = len(all_keys)
+
+    def expected(size: int) -> float:  # sum over cities of P(the city appears in a uniform batch of `size`)
+        return sum(1 - comb(total - n, size) / comb(total, size) for n in per_city.values())
+
+    observed = [len({k.split("_")[0] for k in b}) for b in batches]
+    return statistics.mean(observed) / statistics.mean(expected(len(b)) for b in batches)
+
+
+def _sample_sizes(indexed: Dataset) -> dict[str, int]:
+    """Each sample's own tar bytes (headers, data, padding): what a reader cannot avoid fetching."""
+    return {key: size for shard in indexed.shards for key, _, size in shard.samples}
+
+
+def simulate_train_epoch(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dict:
+    """Epoch 0 of every rank's every loader worker, read in turn in this process: batches (lists of keys), batch
+    count per rank, seconds."""
+    batches, per_rank = [], []
+    start, cpu = time.perf_counter(), time.process_time()
+    for rank in range(world):
+        stream = train_stream(ds, cfg, rank=rank, world=world, seed=0, epoch=0)
+        keys = [b["key"] for w in range(max(workers, 1)) for b in stream.worker_iter(w)]
+        per_rank.append(len(keys))
+        batches += keys
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"batches": batches, "per_rank": per_rank, "seconds": seconds, "cpu_seconds": cpu}
+
+
+def simulate_eval(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dict:
+    """One evaluation pass of every rank's every loader worker in this process: the keys read, seconds."""
+    keys = []
+    start = time.perf_counter()
+    for rank in range(world):
+        stream = EvalStream(ds, cfg, rank=rank, world=world, batch_size=1)
+        keys += [k for w in range(max(workers, 1)) for b in stream.worker_iter(w) for k in b["key"]]
+    return {"keys": keys, "seconds": time.perf_counter() - start}
+
+
+def _epoch_stall(ds: Dataset, cfg: DataConfig, world: int) -> dict:
+    """Rank 0 through a real DataLoader with worker processes, over two epochs: waits between batches."""
+    from segda.data.stream import batches_per_epoch
+
+    per_epoch = batches_per_epoch(ds, cfg, world)
+    waits, tick = [], time.perf_counter()
+    batches = training_batches(ds, cfg, rank=0, world=world, seed=0, start=0)
+    for _ in range(2 * per_epoch):
+        next(batches)
+        now = time.perf_counter()
+        waits.append(now - tick)
+        tick = now
+    batches.close()
+    # waits[0] is the first start-up, paid once per run; the boundary is waits[per_epoch].
+    steady = statistics.median(waits[1:per_epoch] + waits[per_epoch + 1:]) if per_epoch > 1 else waits[-1]
+    return {"boundary_wait_s": waits[per_epoch], "median_wait_s": steady,
+            "epoch_s": sum(waits[1:per_epoch]) + steady, "batches_per_epoch": per_epoch}
+
+
+def bench_stream(world: int, workers: int, *, data_dir: str | None = None, train: int = 2975, val: int = 500,
+                 shard_size: int = 256, size: tuple[int, int] = (64, 32), batch: int = 8,
+                 sources: tuple[str, ...] = ("http", "s3"), stall: bool = True) -> dict:
+    import tempfile
+
+    root = Path(data_dir or tempfile.mkdtemp(prefix="segda-bench-stream-"))
+    manifests = make_cityscapes_like(root, train, val, shard_size, size)
+    cfg = DataConfig(batch_size=batch, workers=workers, crop_size=[16, 16], base_size=list(size),
+                     shuffle_buffer=64, photometric=False)
+    info(f"stream: {world} ranks x {workers} workers simulated in one process; {train} train / {val} val frames "
+         f"of {size[0]}x{size[1]} in shards of {shard_size}; batch {batch}")
+    results: dict = {"world": world, "workers": workers}
+    with ExitStack() as stack:
+        served = _serve(root / "shards", list(sources), stack)
+        for source, (server, base) in served.items():
+            for mode in MODES:
+                results[(source, mode)] = _measure(server, base, manifests, mode, cfg, world, workers, stall)
+    _print_table(results, list(served))
+    return results
+
+
+def _measure(server, base: str, manifests: dict, mode: str, cfg: DataConfig, world: int, workers: int,
+             stall: bool) -> dict:
+    train_ds = resolve_dataset(f"{base}/{manifests['train'][mode]}")
+    val_ds = resolve_dataset(f"{base}/{manifests['val'][mode]}")
+    sizes = _sample_sizes(resolve_dataset(f"{base}/{manifests['train']['segda']}"))
+    val_sizes = _sample_sizes(resolve_dataset(f"{base}/{manifests['val']['segda']}"))
+    all_train, all_val = list(sizes), list(val_sizes)
+
+    server.traffic(reset=True)
+    epoch = simulate_train_epoch(train_ds, cfg, world, workers)
+    train_traffic = server.traffic(reset=True)
+    evaluation = simulate_eval(val_ds, cfg, world, workers)
+    eval_traffic = server.traffic(reset=True)
+
+    trained = [k for b in epoch["batches"] for k in b]
+    used = sum(sizes[k] for k in trained)
+    row = {
+        "train_bytes_ratio": train_traffic[1] / used,
+        "train_requests_per_sample": train_traffic[0] / len(trained),
+        "train_exactly_once": len(trained) == len(set(trained)) == len(all_train) - len(all_train) % world,
+        "batches_per_rank": (min(epoch["per_rank"]), max(epoch["per_rank"])),
+        "city_composition": city_composition(epoch["batches"], all_train),
+        "train_samples_per_s": len(trained) / epoch["seconds"],
+        "train_cpu_ms_per_sample": 1000 * epoch["cpu_seconds"] / len(trained),
+        "eval_bytes_ratio": eval_traffic[1] / sum(val_sizes[k] for k in evaluation["keys"]),
+        "eval_requests_per_sample": eval_traffic[0] / len(evaluation["keys"]),
+        "eval_exactly_once": sorted(evaluation["keys"]) == sorted(all_val),
+        "eval_samples_per_s": len(evaluation["keys"]) / evaluation["seconds"],
+    }
+    if stall:
+        row.update(_epoch_stall(train_ds, cfg, world))
+    return row
+
+
+def _print_table(results: dict, bases: list[str]) -> None:
+    world, workers = results["world"], results["workers"]
+    print(f"\nW={world} ranks x K={workers} workers")
+    print("| source | reader | train bytes/used | train req/sample | eval bytes/used | eval req/sample | "
+          "exactly once (train, eval) | batches/rank | cities/batch vs uniform | train samples/s | "
+          "reader CPU ms/sample | epoch-boundary wait (median wait) |")
+    print("|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|")
+    for source in bases:
+        for mode in MODES:
+            r = results[(source, mode)]
+            stall = (f"{r['boundary_wait_s'] * 1000:.0f} ms ({r['median_wait_s'] * 1000:.0f} ms)"
+                     if "boundary_wait_s" in r else "-")
+            print(f"| {source} | {mode} | {r['train_bytes_ratio']:.2f}x | {r['train_requests_per_sample']:.3f} | "
+                  f"{r['eval_bytes_ratio']:.2f}x | {r['eval_requests_per_sample']:.3f} | "
+                  f"{r['train_exactly_once']}, {r['eval_exactly_once']} | "
+                  f"{r['batches_per_rank'][0]}-{r['batches_per_rank'][1]} | {r['city_composition']:.2f} | "
+                  f"{r['train_samples_per_s']:.0f} | {r['train_cpu_ms_per_sample']:.2f} | {stall} |")
+    for source in bases:
+        base, ours = results[(source, "baseline")], results[(source, "segda")]
+        print(f"{source}: bytes fetched per byte used, training {base['train_bytes_ratio']:.2f}x -> "
+              f"{ours['train_bytes_ratio']:.2f}x, evaluation {base['eval_bytes_ratio']:.2f}x -> "
+              f"{ours['eval_bytes_ratio']:.2f}x; loader speed ratio (segda / baseline): "
+              f"{ours['train_samples_per_s'] / base['train_samples_per_s']:.2f}x")

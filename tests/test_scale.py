@@ -1,0 +1,220 @@
+"""Streaming at scale: many fake ranks x workers in one process against real HTTP and S3 servers on 127.0.0.1 that
+count the requests and bytes they serve. Indexed shards (byte offsets in the manifest) must fetch only the bytes
+of planned samples, read every sample exactly once, keep batches equal per rank, and draw batches from the whole
+dataset; manifests without offsets (the baseline) keep working, and these tests show what they cost."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_shards
+
+from segda.bench_stream import city_composition, simulate_eval, simulate_train_epoch
+from segda.config import DataConfig
+from segda.data import plan
+from segda.data.datasets import resolve_dataset
+from segda.data.reader import index_tar
+from segda.data.sources import read_range
+from segda.data.stream import training_batches
+
+WORLD, WORKERS = 4, 3
+
+
+@pytest.fixture(scope="session")
+def city_shards(tmp_path_factory):
+    """60 train frames of 3 cities (20 each, shards of 16: mostly one city per shard) and 30 val frames in shards
+    of 8; beside each indexed manifest, the same manifest without offsets (what segda < 0.2 wrote)."""
+    root = tmp_path_factory.mktemp("cities")
+    train = make_shards(root, "cityscapes", "train", 60, (64, 32), 16)
+    val = make_shards(root, "cityscapes", "val", 30, (64, 32), 8)
+    for manifest in (train, val):
+        data = json.loads(manifest.read_text())
+        for shard in data["shards"]:
+            del shard["samples"]
+        manifest.with_name(manifest.stem + "-no-offsets.json").write_text(json.dumps(data))
+    return train.parent
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**{**dict(batch_size=3, workers=WORKERS, crop_size=[16, 16], base_size=[64, 32],
+                                photometric=False), **kw})
+
+
+def sample_sizes(folder: Path, split: str) -> dict[str, int]:
+    manifest = json.loads((folder / f"{split}-manifest.json").read_text())
+    return {key: size for shard in manifest["shards"] for key, _, size in shard["samples"]}
+
+
+def publish(folder: Path, server) -> str:
+    """Put the shard folder on the server; returns the base URL."""
+    if hasattr(server, "upload"):
+        for f in folder.iterdir():
+            server.upload(f, f"scale/{f.name}")
+        return server.url("scale")
+    for f in folder.iterdir():
+        shutil.copy(f, server.root / f.name)
+    return server.url
+
+
+def measure(server, base: str, folder: Path, indexed: bool) -> dict:
+    suffix = "" if indexed else "-no-offsets"
+    train_ds = resolve_dataset(f"{base}/train-manifest{suffix}.json")
+    val_ds = resolve_dataset(f"{base}/val-manifest{suffix}.json")
+    server.reset_traffic()
+    epoch = simulate_train_epoch(train_ds, cfg(), WORLD, WORKERS)
+    train_traffic, _ = server.traffic, server.reset_traffic()
+    evaluation = simulate_eval(val_ds, cfg(), WORLD, WORKERS)
+    trained = [k for b in epoch["batches"] for k in b]
+    sizes, val_sizes = sample_sizes(folder, "train"), sample_sizes(folder, "val")
+    return {
+        "trained": trained, "per_rank": epoch["per_rank"], "evaluated": evaluation["keys"],
+        "train_ratio": train_traffic.bytes / sum(sizes[k] for k in trained),
+        "eval_ratio": server.traffic.bytes / sum(val_sizes[k] for k in evaluation["keys"]),
+        "train_requests": train_traffic.requests, "composition": city_composition(epoch["batches"], list(sizes)),
+        "all_train": list(sizes), "all_val": list(val_sizes),
+    }
+
+
+def check_exactly_once(result: dict) -> None:
+    trained, all_train = result["trained"], result["all_train"]
+    assert len(trained) == len(set(trained)) == len(all_train) - len(all_train) % WORLD, "every sample once"
+    assert set(trained) <= set(all_train)
+    assert len(set(result["per_rank"])) == 1, f"equal batches per rank, got {result['per_rank']}"
+    assert sorted(result["evaluated"]) == sorted(result["all_val"]), "every evaluation sample exactly once"
+
+
+@pytest.mark.parametrize("source", ["http", "s3"])
+def test_four_ranks_three_workers_fetch_only_what_they_use(city_shards, source, request):
+    server = request.getfixturevalue("http_server" if source == "http" else "s3_server")
+    base = publish(city_shards, server)
+    ours = measure(server, base, city_shards, indexed=True)
+    check_exactly_once(ours)
+    assert ours["train_ratio"] <= 1.05 and ours["eval_ratio"] <= 1.05, ours
+    # one Range request per shuffled training sample, fewer when neighbours in a shard meet in one batch
+    assert 0.9 * len(ours["trained"]) <= ours["train_requests"] <= len(ours["trained"])
+    # The same shards through a manifest without offsets: still exactly once, but readers starting mid-shard
+    # stream from byte 0 (this is what the counters must see, or they count nothing).
+    baseline = measure(server, base, city_shards, indexed=False)
+    check_exactly_once(baseline)
+    assert baseline["train_ratio"] > 1.2 and baseline["eval_ratio"] > 1.2, baseline
+
+
+def test_batches_are_drawn_from_the_whole_dataset(city_shards, http_server):
+    base = publish(city_shards, http_server)
+    ours = measure(http_server, base, city_shards, indexed=True)
+    baseline = measure(http_server, base, city_shards, indexed=False)
+    # 1.0: as many cities per batch as a uniform shuffle gives; shard-order reading gives one city per batch.
+    assert ours["composition"] > 0.85, ours["composition"]
+    assert baseline["composition"] < 0.7, baseline["composition"]
+
+
+def test_epoch_order_is_global_and_steps_consume_contiguous_stretches():
+    n, batch = 47, 3
+    for world in (1, 3, 4, 7):
+        order = plan.epoch_order(n, seed=5, epoch=2)
+        ranks = [plan.rank_batches(n, r, world, batch, seed=5, epoch=2) for r in range(world)]
+        assert len({len(b) for b in ranks}) == 1 == len({plan.batches_per_epoch(n, world, batch), len(ranks[0])})
+        for step in range(len(ranks[0])):  # after each step: exactly the first stretch of the order, whatever W
+            consumed = np.concatenate([b for r in ranks for b in r[:step + 1]])
+            assert sorted(consumed.tolist()) == sorted(order[:len(consumed)].tolist())
+        whole = np.concatenate([b for r in ranks for b in r])
+        assert sorted(whole.tolist()) == sorted(order[: n // world * world].tolist())
+    assert (plan.epoch_order(n, 5, 2) != plan.epoch_order(n, 5, 3)).any(), "a new order each epoch"
+
+
+def test_the_manifest_index_is_each_samples_exact_bytes(city_shards):
+    manifest = json.loads((city_shards / "train-manifest.json").read_text())
+    assert manifest["format"] == "segda.shards/2"
+    for shard in manifest["shards"]:
+        path = city_shards / shard["url"]
+        with open(path, "rb") as f:
+            assert index_tar(f) == shard["samples"]
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for key, offset, size in shard["samples"]:
+            with tarfile.open(fileobj=io.BytesIO(read_range(str(path), offset, size))) as piece:
+                got = {m.name: piece.extractfile(m).read() for m in piece.getmembers()}
+            assert got == {name: data for name, data in members.items() if name.split(".")[0] == key}
+
+
+def test_range_reads_survive_faults_and_reuse_connections(city_shards, http_server):
+    from servers import Faults
+
+    base = publish(city_shards, http_server)
+    local = city_shards / "train-000001.tar"
+    data = local.read_bytes()
+    http_server.faults = Faults(status_once=503, drop_after=1000)
+    assert read_range(f"{base}/train-000001.tar", 5000, 30_000, backoff=0.01) == data[5000:35_000]
+    assert [r for _, r in http_server.faults.requests][-1] == "bytes=6000-34999", "resumed where the drop cut"
+    http_server.faults = Faults(ignore_range=True)  # a server without Range support: the slice is still right
+    assert read_range(f"{base}/train-000001.tar", 700, 300) == data[700:1000]
+    http_server.faults = Faults()
+    http_server.reset_traffic()
+    for offset in range(0, 20 * 512, 512):
+        assert read_range(f"{base}/train-000001.tar", offset, 100) == data[offset:offset + 100]
+    assert http_server.traffic.requests == 20 and http_server.traffic.connections == 1, "kept alive"
+
+
+def test_loader_workers_live_across_epochs(city_shards):
+    def children_per_batch(manifest: str) -> list[set[int]]:
+        ds = resolve_dataset(str(city_shards / manifest))
+        batches = training_batches(ds, cfg(workers=2, batch_size=6), rank=0, world=1, seed=0)
+        seen = []
+        for batch in batches:
+            seen.append((batch["epoch"], frozenset(p.pid for p in multiprocessing.active_children())))
+            if batch["epoch"] == 2:
+                break
+        batches.close()
+        return [pids for _, pids in seen], [e for e, _ in seen]
+
+    pids, epochs = children_per_batch("train-manifest.json")
+    assert epochs[0] == 0 and epochs[-1] == 2 and len(set(pids)) == 1, "the same workers serve every epoch"
+    pids, _ = children_per_batch("train-manifest-no-offsets.json")
+    assert len(set(pids)) == 3, "the baseline starts new workers each epoch"
+
+
+def test_endless_stream_equals_epoch_by_epoch_and_resumes_anywhere(city_shards):
+    from segda.data.stream import batches_per_epoch, train_loader
+
+    ds = resolve_dataset(str(city_shards / "train-manifest.json"))
+    data_cfg = cfg(workers=2, batch_size=6)
+    per_epoch = batches_per_epoch(ds, data_cfg, 2)
+    epochs = [b["key"] for e in range(2) for b in train_loader(ds, data_cfg, rank=1, world=2, seed=3, epoch=e)[0]]
+    endless = training_batches(ds, data_cfg, rank=1, world=2, seed=3)
+    assert [next(endless)["key"] for _ in range(2 * per_epoch)] == epochs
+    endless.close()
+    for start in (1, per_epoch - 1, per_epoch + 1):
+        resumed = training_batches(ds, data_cfg, rank=1, world=2, seed=3, start=start)
+        assert [next(resumed)["key"] for _ in range(2 * per_epoch - start)] == epochs[start:]
+        resumed.close()
+
+
+def test_a_manifest_without_offsets_warns_how_to_regenerate(city_shards, capfd):
+    resolve_dataset(str(city_shards / "train-manifest-no-offsets.json"))
+    assert "Re-run `segda shards" in capfd.readouterr().err
+
+
+def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tmp_path):
+    from segda.log import SegdaError
+
+    folder = tmp_path / "s"
+    shutil.copytree(city_shards, folder)
+    manifest = folder / "val-manifest.json"
+    data = json.loads(manifest.read_text())
+    first = data["shards"][0]["samples"]
+    first[0][0], first[1][0] = first[1][0], first[0][0]  # two keys swapped: the index lies about the tar
+    manifest.write_text(json.dumps(data))
+    ds = resolve_dataset(str(manifest))
+    with pytest.raises(SegdaError, match="does not belong to this shard"):
+        simulate_eval(ds, cfg(workers=1, strict=True), 1, 1)
+    data["shards"][0]["samples"][2][1] = -5
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(SegdaError, match="shard entry 0 is malformed.*bad byte range"):
+        resolve_dataset(str(manifest))
