@@ -10,7 +10,6 @@ complete one. (DeepSpeed shards its optimizer state; under DeepSpeed, Accelerate
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -87,17 +86,22 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(tensors["cuda"])
 
 
-def save_rank_rng(run_dir: str | Path, step: int, rank: int) -> Path:
-    """Every rank parks its RNG state beside the checkpoint; the main process moves it in."""
-    path = Path(run_dir) / "checkpoints" / f".rng-{step:06d}-{rank}.safetensors"
-    with atomic.atomic_path(path) as tmp:
-        save_file(rng_tensors(), str(tmp))
-    return path
+def pack_rng() -> torch.Tensor:
+    """This process's RNG states as one uint8 tensor (CPU state, then CUDA's if any): all ranks' have one size."""
+    return torch.cat([t.view(torch.uint8).flatten() for t in rng_tensors().values()])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer, state: dict, world: int,
-                    keep: int) -> Path:
-    """Main process: write the checkpoint folder atomically, adopt the ranks' RNG files, prune old ones."""
+def unpack_rng(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    cpu_size = torch.get_rng_state().numel()
+    out = {"cpu": packed[:cpu_size].clone()}
+    if packed.numel() > cpu_size:
+        out["cuda"] = packed[cpu_size:].clone()
+    return out
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer, state: dict,
+                    rng: list[dict[str, torch.Tensor]], keep: int) -> Path:
+    """Main process: write the checkpoint folder atomically (every rank's RNG state included), prune old ones."""
     final = checkpoint_dir(run_dir, step)
     with atomic.atomic_path(final) as tmp:
         tmp.mkdir()
@@ -105,9 +109,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
         tensors, rest = optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(rest))
-        for rank in range(world):
-            parked = Path(run_dir) / "checkpoints" / f".rng-{step:06d}-{rank}.safetensors"
-            os.replace(parked, tmp / f"rng-{rank}.safetensors")
+        for rank, tensors in enumerate(rng):
+            save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     prune(run_dir, keep)
     return final
@@ -119,11 +122,9 @@ def prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict]:
-    """(model tensors, optimizer tensors, optimizer rest, this rank's RNG tensors); state.json is the caller's."""
+def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict | None]:
+    """(model tensors, optimizer tensors, optimizer rest, this rank's RNG tensors or None when the checkpoint was
+    written by fewer processes); state.json is the caller's."""
     rng_file = path / f"rng-{rank}.safetensors"
-    if not rng_file.is_file():
-        raise SegdaError(f"{path} has no RNG state for rank {rank}: resume with the number of processes that "
-                         "wrote it")
     return (load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")),
-            json.loads((path / "optimizer.json").read_text()), load_file(str(rng_file)))
+            json.loads((path / "optimizer.json").read_text()), load_file(str(rng_file)) if rng_file.is_file() else None)

@@ -68,6 +68,19 @@ def _add_shards(sub) -> None:
     p.set_defaults(run=_run_shards)
 
 
+def _add_index(sub) -> None:
+    p = sub.add_parser("index", help="add per-sample byte offsets to a manifest written by segda < 0.2")
+    p.add_argument("manifest", help="a local *-manifest.json whose shards sit beside it")
+    p.set_defaults(run=lambda args: _run_index(args.manifest))
+
+
+def _run_index(manifest: str) -> int:
+    from segda.shards.writer import index_manifest
+
+    index_manifest(manifest)
+    return 0
+
+
 def _run_shards(args) -> int:
     from segda.shards.encode import EncodeOptions
     from segda.shards.writer import CreateOptions, create_shards
@@ -97,7 +110,13 @@ def _run_train(args) -> int:
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     cfg = load_config(args.config, overrides)
-    train(args.stage, cfg, args.out, resume=args.resume)
+    from segda.preempt import EXIT_PREEMPTED, Preempted
+
+    try:
+        train(args.stage, cfg, args.out, resume=args.resume)
+    except Preempted as stop:  # a clean stop, not an error: the scheduler requeues on this status
+        print(f"segda: preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -270,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 _COMMANDS = [
     _add_synth,
     _add_shards,
+    _add_index,
     lambda sub: _add_train(sub, "pretrain", "train the whole SegFormer on source shards (accelerate launch -m segda)"),
     lambda sub: _add_train(sub, "adapt", "train a LoRA adapter on target shards, saving only the adapter"),
     _add_evaluate,

@@ -95,6 +95,13 @@ class TrainConfig:
     """Micro-batches per optimizer step; the effective batch is batch_size x processes x grad_accum."""
     checkpoint_every: int = 2000
     """Save a resumable checkpoint every N steps (0: never; the final model or adapter is always saved)."""
+    checkpoint_minutes: float = 0.0
+    """Also save one when this many minutes have passed since the last (0: off): bounds the work a crash loses."""
+    on_world_change: str = "keep_global_batch"
+    """Resuming on another number of processes: keep_global_batch (adjust grad_accum to keep batch_size x
+    processes x grad_accum; refused if it does not divide) or keep_per_rank_batch (the global batch changes)."""
+    log_samples: bool = False
+    """Append every trained sample's key to RUN_DIR/samples/rank-R.jsonl (an audit of the data order)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     eval_every: int = 4000
@@ -279,6 +286,9 @@ def validate(cfg: Config) -> None:
     _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables clipping)")
     _check(t.max_steps >= 1, "train.max_steps", "must be at least 1")
     _check(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0 disables it)")
+    _check(t.on_world_change in ("keep_global_batch", "keep_per_rank_batch"), "train.on_world_change",
+           "must be keep_global_batch or keep_per_rank_batch")
     for key in ("checkpoint_every", "eval_every", "eval_max_samples"):
         _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")

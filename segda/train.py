@@ -23,7 +23,9 @@ from tqdm import tqdm
 from segda import adapters, atomic, checkpoint
 from segda.config import Config
 from segda.data.datasets import resolve_dataset, with_counts
-from segda.data.stream import batches_per_epoch, training_batches
+from segda import resume as resume_policy
+from segda.data.stream import START, elastic, training_batches
+from segda.preempt import CheckpointClock, Control, Preempted, StopSignals
 from segda.evaluate import evaluate_model
 from segda.log import SegdaError, info, set_main_process, warn
 from segda.model import build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
@@ -85,9 +87,7 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     if stage not in STAGES:
         raise SegdaError(f"unknown stage {stage!r}; choose one of {STAGES}")
     out_dir = Path(out_dir)
-    accelerator = make_accelerator(cfg, out_dir)
-    set_main_process(accelerator.is_main_process)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    set_main_process(int(os.environ.get("RANK", "0")) == 0)
     train_ds = with_counts(resolve_dataset(cfg.data.train, allow_pipe=cfg.data.allow_pipe),
                            allow_pipe=cfg.data.allow_pipe)
     val_ds = resolve_dataset(cfg.data.val, allow_pipe=cfg.data.allow_pipe) if cfg.data.val else None
@@ -99,7 +99,13 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     if found is None and checkpoint.list_checkpoints(out_dir):
         raise SegdaError(f"{out_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
                          "or choose another --out")
-
+    saved = resume_policy.read_state(found) if found else None
+    if saved is not None:  # may change train.grad_accum, which the Accelerator is built with
+        resume_policy.check_resumable(saved, cfg, stage, found, elastic=elastic(train_ds, cfg.data),
+                                      world=resume_policy.launched_world())
+    accelerator = make_accelerator(cfg, out_dir)
+    set_main_process(accelerator.is_main_process)
+    rank = accelerator.process_index
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas),
@@ -112,26 +118,8 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
     loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp)
-    loop.restore(found)
+    loop.restore(found, saved)
     return loop.run()
-
-
-# Changing any of these between a checkpoint and its resume changes the data order or the schedule.
-RESUME_KEYS = ("data.train", "data.batch_size", "data.workers", "data.crops_per_frame", "data.shuffle_buffer",
-               "data.crop_size", "data.base_size", "data.scale_range", "train.grad_accum", "train.seed",
-               "train.max_steps", "optim.warmup_steps", "optim.poly_power")
-
-
-def check_resumable(saved: dict, cfg: Config, stage: str, path) -> None:
-    if saved.get("stage") != stage:
-        raise SegdaError(f"{path} is a {saved.get('stage')} checkpoint; resume it with `segda {saved.get('stage')}`")
-    now = cfg.to_dict()
-    for key in RESUME_KEYS:
-        section, name = key.split(".")
-        before, after = saved.get("config", {}).get(section, {}).get(name), now[section][name]
-        if before != after:
-            raise SegdaError(f"{key} was {before!r} when {path} was written, now {after!r}: resume with the same "
-                             "value (an exact resume needs the same data order and schedule)")
 
 
 def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
@@ -155,31 +143,46 @@ class _Loop:
         self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
         self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        self.batches_per_epoch = batches_per_epoch(train_ds, cfg.data, accelerator.num_processes)
+        self.position = dict(START)  # of the data order, after the last micro-batch trained on
+        self.control = Control(accelerator.num_processes)
+        self.clock = CheckpointClock(cfg.train.checkpoint_minutes)
 
     # ---- resume -------------------------------------------------------------------------------------------
-    def restore(self, path: Path | None) -> None:
+    def restore(self, path: Path | None, state: dict | None) -> None:
+        """Call on every rank, with or without a checkpoint: the ranks first agree that they all see the same."""
+        acc = self.acc
+        some_have, some_lack = self.control.agree(path is not None, path is None)
+        if some_have and some_lack:  # every rank reads the checkpoint: it must sit on a filesystem all nodes mount
+            raise SegdaError(f"the checkpoints under {self.out} are not visible on every node (rank "
+                             f"{acc.process_index} on {os.uname().nodename} {'sees' if path else 'does not see'} "
+                             "one): put --out on a filesystem every node mounts")
         if path is None:
             return
-        acc = self.acc
-        state = json.loads((path / "state.json").read_text())
-        check_resumable(state, self.cfg, self.stage, path)
-        if state.get("world_size") != acc.num_processes:
-            raise SegdaError(f"{path} was written by {state.get('world_size')} processes, this run has "
-                             f"{acc.num_processes}: resume with the same launch config")
         if self.deepspeed:
+            if state.get("world_size") != acc.num_processes:
+                raise SegdaError(f"{path} is a DeepSpeed checkpoint of {state.get('world_size')} processes, this "
+                                 f"run has {acc.num_processes}: DeepSpeed's sharded optimizer state resumes only on "
+                                 "the same number of processes")
             acc.load_state(str(path / "deepspeed"))  # DeepSpeed's own format: resume only from your own runs
         else:
             model_t, opt_t, opt_rest, rng = checkpoint.load_checkpoint(path, acc.process_index)
             acc.unwrap_model(self.model).load_state_dict(model_t)
             checkpoint.load_optimizer(self.optimizer, opt_t, opt_rest)
-            checkpoint.restore_rng(rng)
+            if rng is not None:
+                checkpoint.restore_rng(rng)
+            else:  # a rank that did not exist when the checkpoint was written: a fresh dropout stream
+                torch.manual_seed(self.cfg.train.seed * 1000 + acc.process_index + 7919 * state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
+        _apply_optim_config(self.optimizer, self.scheduler, acc.unwrap_model(self.model), self.cfg)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])  # fp16: the same loss scale, so the same skipped steps
         self.step, self.best = state["step"], state.get("best", {})
         self.images, self.train_seconds = state.get("images", 0), state.get("train_seconds", 0.0)
-        info(f"resumed from {path} at step {self.step}")
+        # Checkpoints of segda < 0.2 record no data position: the step gives it (same world size only).
+        frames = self.cfg.data.batch_size // self.cfg.data.crops_per_frame
+        self.position = state.get("data") or _position_from_step(state, frames, self.train_ds, self.cfg)
+        info(f"resumed from {path} at step {self.step} (epoch {self.position['epoch']}, "
+             f"{self.position['consumed']} of its samples done)")
 
     # ---- main loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -187,18 +190,22 @@ class _Loop:
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_metrics()
+            if cfg.train.log_samples:
+                (self.out / "samples").mkdir(exist_ok=True)
+                for log in (self.out / "samples").glob("rank-*.jsonl"):  # every old rank's, whatever the world now
+                    _truncate_after(log, self.step)
             atomic.write_json(self.out / "run.json", self._summary(status="running"))
         if acc.log_with:
             acc.init_trackers(f"segda-{self.stage}", config=_flat(cfg.to_dict()))
         started = time.perf_counter()
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.stage, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
-        micro = self.step * cfg.train.grad_accum
         # One endless stream over epochs: its loader workers live across epoch boundaries.
         batches = training_batches(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
-                                   seed=cfg.train.seed, start=micro, pin_memory=acc.device.type == "cuda")
+                                   seed=cfg.train.seed, position=self.position, pin_memory=acc.device.type == "cuda")
         self._train_mode()
-        epoch, skipped = micro // self.batches_per_epoch, 0
+        epoch, skipped = self.position["epoch"], 0
+        signals = StopSignals()  # SIGTERM / SIGUSR1: finish this step, checkpoint, exit 75
         tick = time.perf_counter()
         try:
             for batch in batches if self.step < cfg.train.max_steps else ():
@@ -206,21 +213,29 @@ class _Loop:
                     self._report_skipped(epoch, skipped)
                     epoch, skipped = batch["epoch"], 0
                 skipped += batch["skipped"]
-                micro += 1
+                self._log_samples(batch)
                 if self._micro_step(batch):
+                    self.position = batch["position"]
                     self.train_seconds += time.perf_counter() - tick
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     img_s=f"{self.images / max(self.train_seconds, 1e-9):.1f}")
-                    self._after_step()
+                    self._after_step(signals)
                     tick = time.perf_counter()
                     if self.step >= cfg.train.max_steps:
                         break
         finally:
             batches.close()  # stops the loader's workers
+            signals.restore()
         self._report_skipped(epoch, skipped)
         bar.close()
         return self._finish(time.perf_counter() - started)
+
+    def _log_samples(self, batch) -> None:
+        """train.log_samples: this rank's keys of each micro-batch, under the optimizer step they count towards."""
+        if self.cfg.train.log_samples:
+            with open(self.out / "samples" / f"rank-{self.acc.process_index}.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step + 1, "epoch": batch["epoch"], "keys": batch["key"]}) + "\n")
 
     def _report_skipped(self, epoch: int, skipped: int) -> None:
         if skipped:  # each rank reports its own share: bad data is never silently dropped
@@ -267,15 +282,30 @@ class _Loop:
                          "the weights. Lower optim.lr, check the data, or resume from the last checkpoint "
                          f"({self.out / 'checkpoints'}) with --resume auto")
 
-    def _after_step(self) -> None:
+    def _after_step(self, signals: StopSignals) -> None:
         cfg, acc = self.cfg.train, self.acc
         if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
             self._log({**self.last, "img_per_s": self.images / max(self.train_seconds, 1e-9)})
         if self.val_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
                 and self.step < cfg.max_steps:
             self._evaluate()
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+        # Every rank takes the same decision at the same step, whichever rank the signal or the clock reached.
+        stop, clock_due = self.control.agree(signals.received, self.clock.due())
+        done = self.step >= cfg.max_steps
+        if not done and (clock_due or stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
             self._checkpoint()
+        if stop and not done:
+            self._preempted(stop)
+
+    def _preempted(self, signum: int) -> None:
+        """The checkpoint of this step is on disk: record the stop and leave with exit status 75 (see preempt)."""
+        acc = self.acc
+        where = checkpoint.checkpoint_dir(self.out, self.step)
+        if acc.is_main_process:
+            atomic.write_json(self.out / "run.json", {**self._summary(status="preempted"), "checkpoint": str(where)})
+        acc.wait_for_everyone()
+        acc.end_training()
+        raise Preempted(self.step, str(where), signum)
 
     def _evaluate(self) -> dict:
         model = self.acc.unwrap_model(self.model)
@@ -293,9 +323,10 @@ class _Loop:
         acc = self.acc
         state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
-                 "stage": self.stage, "config": self.cfg.to_dict(),
+                 "stage": self.stage, "config": self.cfg.to_dict(), "data": self.position,
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
         final = checkpoint.checkpoint_dir(self.out, self.step)
+        self.clock.reset()
         if self.deepspeed:  # DeepSpeed shards optimizer state: its own format, written by every rank
             acc.save_state(str(final / "deepspeed"))
             acc.wait_for_everyone()  # every rank's part is on disk before state.json marks the folder complete
@@ -304,11 +335,11 @@ class _Loop:
                 checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
             acc.wait_for_everyone()
             return
-        checkpoint.save_rank_rng(self.out, self.step, acc.process_index)
-        acc.wait_for_everyone()
+        # Every rank's RNG state travels to the main process over the network: no shared filesystem needed to save.
+        rng = [checkpoint.unpack_rng(t) for t in self.control.gather_bytes(checkpoint.pack_rng())]
         if acc.is_main_process:
             checkpoint.save_checkpoint(self.out, self.step, acc.unwrap_model(self.model).state_dict(),
-                                       self.optimizer, state, acc.num_processes, self.cfg.train.keep_checkpoints)
+                                       self.optimizer, state, rng, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
 
     # ---- outputs ------------------------------------------------------------------------------------------
@@ -321,10 +352,7 @@ class _Loop:
 
     def _truncate_metrics(self) -> None:
         """After a resume, drop the lines a killed run wrote past its last checkpoint."""
-        path = self.out / "metrics.jsonl"
-        if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= self.step]
-            atomic.write_text(path, "".join(line + "\n" for line in kept))
+        _truncate_after(self.out / "metrics.jsonl", self.step)
 
     def _finish(self, wall: float) -> dict:
         acc = self.acc
@@ -369,6 +397,36 @@ class _Loop:
             "best": self.best, "final": final or {}, "images_seen": self.images,
             "replicas_identical": getattr(self, "replicas_identical", None), **run_info(),
         }
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote past the checkpoint it resumes from."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        atomic.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _position_from_step(state: dict, frames: int, train_ds, cfg) -> dict:
+    """The data position of a checkpoint written before positions were recorded (same world size)."""
+    from segda.data.stream import batches_per_epoch
+
+    world = state["world_size"]
+    epoch, step = divmod(state["step"] * cfg.train.grad_accum, batches_per_epoch(train_ds, cfg.data, world))
+    return {"epoch": epoch, "consumed": step * frames * world, "end": None}
+
+
+def _apply_optim_config(optimizer, scheduler, model, cfg) -> None:
+    """optim.* of this run's config, over what the checkpoint restored: learning rates, weight decay and betas of
+    each group, and the schedule (its lambda reads cfg) from the restored step on."""
+    fresh = param_groups(model, cfg.optim)
+    for group, new in zip(optimizer.param_groups, fresh):
+        group["initial_lr"], group["weight_decay"], group["betas"] = new["lr"], new["weight_decay"], tuple(
+            cfg.optim.betas)
+    scheduler.base_lrs = [g["lr"] for g in fresh]
+    factor = lr_factor(scheduler.last_epoch, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.poly_power)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _step_of(line: str) -> float:

@@ -129,6 +129,27 @@ def test_epoch_order_is_global_and_steps_consume_contiguous_stretches():
     assert (plan.epoch_order(n, 5, 2) != plan.epoch_order(n, 5, 3)).any(), "a new order each epoch"
 
 
+@pytest.mark.parametrize("n,before,after,batch", [(47, 2, 1, 3), (47, 1, 2, 3), (50, 4, 3, 2), (23, 3, 8, 2)])
+def test_an_epoch_interrupted_on_one_world_size_finishes_on_another_exactly_once(n, before, after, batch):
+    """Positions consumed by `before` ranks, then the rest of the epoch on `after` ranks: each planned sample once,
+    every rank of the second part with the same number of batches; the next epoch is a whole one on `after`."""
+    full = plan.rank_batches(n, 0, before, batch, seed=1, epoch=4)
+    end = plan.epoch_end(n, before)
+    for steps in range(len(full)):
+        first = [i for r in range(before) for b in plan.rank_batches(n, r, before, batch, 1, 4)[:steps] for i in b]
+        position = plan.position_after(steps - 1, len(full), batch, before, 4, 0, end) if steps else \
+            {"epoch": 4, "consumed": 0, "end": end}
+        assert sorted(first) == sorted(plan.epoch_order(n, 1, 4)[:position["consumed"]].tolist())
+        rest = [plan.rank_batches(n, r, after, batch, 1, 4, position["consumed"], end) for r in range(after)]
+        assert len({len(b) for b in rest}) == 1, "equal batch counts per rank"
+        second = [i for r in rest for b in r for i in b]
+        left = end - position["consumed"]
+        expected = plan.epoch_order(n, 1, 4)[:end].tolist() if left >= after else first
+        assert sorted(first + second) == sorted(expected), (steps, position)
+    following = [i for r in range(after) for b in plan.rank_batches(n, r, after, batch, 1, 5) for i in b]
+    assert len(following) == len(set(following)) == n // after * after
+
+
 def test_the_manifest_index_is_each_samples_exact_bytes(city_shards):
     manifest = json.loads((city_shards / "train-manifest.json").read_text())
     assert manifest["format"] == "segda.shards/2"
@@ -191,14 +212,16 @@ def test_endless_stream_equals_epoch_by_epoch_and_resumes_anywhere(city_shards):
     assert [next(endless)["key"] for _ in range(2 * per_epoch)] == epochs
     endless.close()
     for start in (1, per_epoch - 1, per_epoch + 1):
-        resumed = training_batches(ds, data_cfg, rank=1, world=2, seed=3, start=start)
+        epoch, step = divmod(start, per_epoch)
+        position = {"epoch": epoch, "consumed": step * 6 * 2, "end": None}
+        resumed = training_batches(ds, data_cfg, rank=1, world=2, seed=3, position=position)
         assert [next(resumed)["key"] for _ in range(2 * per_epoch - start)] == epochs[start:]
         resumed.close()
 
 
 def test_a_manifest_without_offsets_warns_how_to_regenerate(city_shards, capfd):
     resolve_dataset(str(city_shards / "train-manifest-no-offsets.json"))
-    assert "Re-run `segda shards" in capfd.readouterr().err
+    assert "segda index" in capfd.readouterr().err
 
 
 def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tmp_path):
@@ -218,3 +241,36 @@ def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tm
     manifest.write_text(json.dumps(data))
     with pytest.raises(SegdaError, match="shard entry 0 is malformed.*bad byte range"):
         resolve_dataset(str(manifest))
+
+
+def test_segda_index_adds_offsets_to_an_old_manifest(city_shards, tmp_path):
+    from helpers import segda
+
+    folder = tmp_path / "s"
+    shutil.copytree(city_shards, folder)
+    old = folder / "train-manifest-no-offsets.json"
+    proc = segda("index", old)
+    assert "indexed 60 samples in 4 shard(s)" in proc.stderr
+    assert json.loads(old.read_text())["shards"] == json.loads((folder / "train-manifest.json").read_text())["shards"]
+    assert resolve_dataset(str(old)).indexed
+    (folder / "train-000002.tar").write_bytes(b"")  # a shard that no longer matches: refused, manifest kept
+    before = old.read_text()
+    proc = segda("index", old, check=False)
+    assert proc.returncode == 2 and "train-000002.tar holds 0 samples" in proc.stderr and old.read_text() == before
+
+
+def test_s3_range_reads_are_presigned_gets_that_resume_and_name_the_s3_url(city_shards, s3_server):
+    from servers import Faults
+
+    from segda.log import SegdaError
+
+    base = publish(city_shards, s3_server)
+    data = (city_shards / "train-000001.tar").read_bytes()
+    s3_server.faults = Faults(status_once=503, drop_after=1000, only={s3_server.path("scale/train-000001.tar")})
+    assert read_range(f"{base}/train-000001.tar", 5000, 30_000, backoff=0.01) == data[5000:35_000]
+    ranges = [r for p, r in s3_server.faults.requests if p == s3_server.path("scale/train-000001.tar")]
+    assert ranges == ["bytes=5000-34999", "bytes=5000-34999", "bytes=6000-34999"], "503, cut at 1000, resumed"
+    with pytest.raises(SegdaError) as err:
+        read_range(f"{base}/missing.tar", 0, 10)
+    assert "s3://segda-test/scale/missing.tar: HTTP 404" in str(err.value)
+    assert "Signature" not in str(err.value), "a presigned URL is a credential: never print it"

@@ -89,7 +89,7 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
     if not ds.indexed:
         warn(f"{spec} has no per-sample byte offsets (written by segda < 0.2): each reader streams its shards from "
              "byte 0, which fetches several times the bytes it uses at many ranks and keeps frames in shard order. "
-             "Re-run `segda shards ...` to regenerate the manifest with offsets")
+             "Add them with `segda index MANIFEST` where the shards are on disk, or re-run `segda shards`")
     return ds
 
 

@@ -65,13 +65,40 @@ def batches_per_epoch(num_samples: int, world: int, batch_size: int) -> int:
     return -(-per_rank // batch_size)
 
 
-def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The global sample indices of each of this rank's batches in one epoch (see the module docstring)."""
-    per_rank = num_samples // world
-    if per_rank == 0:
-        raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
-    mine = epoch_order(num_samples, seed, epoch)[: per_rank * world][rank::world]
-    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+def epoch_end(num_samples: int, world: int) -> int:
+    """How many positions of the epoch's order are trained on with `world` ranks (the N mod world rest)."""
+    return num_samples // world * world
+
+
+def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, seed: int, epoch: int,
+                 start: int = 0, end: int | None = None) -> list[np.ndarray]:
+    """The global sample indices of each of this rank's batches, for positions [start, end) of the epoch's order.
+
+    A whole epoch is start=0, end=epoch_end(N, world). A resumed epoch starts where the checkpoint's ranks had
+    got to and ends where they would have (its `end`), whatever the world size now: its R = end - start samples
+    go R // world to each rank (positions r, r + W, ...), and the R mod W left over join the last batch of ranks
+    0, 1, ..., so every one of them is trained on exactly once and every rank has the same number of batches.
+    """
+    end = epoch_end(num_samples, world) if end is None else end
+    if end - start < world:
+        return []  # fewer samples left than ranks: they rest, like the N mod W remainder of every epoch
+    remaining = epoch_order(num_samples, seed, epoch)[start:end]
+    share = len(remaining) // world
+    mine = remaining[rank: share * world: world]
+    batches = [mine[i:i + batch_size] for i in range(0, share, batch_size)]
+    extra = share * world + rank
+    if extra < len(remaining):
+        batches[-1] = np.append(batches[-1], remaining[extra])
+    return batches
+
+
+def position_after(batch: int, num_batches: int, batch_size: int, world: int, epoch: int, start: int,
+                   end: int) -> dict:
+    """Where the epoch's order stands once every rank has finished its batch `batch` of `num_batches` (counted
+    from `start`): the data position a checkpoint records, independent of the world size."""
+    if batch + 1 >= num_batches:
+        return {"epoch": epoch + 1, "consumed": 0, "end": None}
+    return {"epoch": epoch, "consumed": start + (batch + 1) * batch_size * world, "end": end}
 
 
 def worker_batches(start: int, stop: int | None, worker: int, workers: int):

@@ -32,6 +32,8 @@ from segda.data.reader import IMAGE_EXTS, LABEL_EXT, SampleReader, ShardReader
 from segda.log import SegdaError, warn
 
 _END = object()
+START = {"epoch": 0, "consumed": 0, "end": None}
+"""The data position of a new run: nothing of epoch 0 consumed yet."""
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -81,19 +83,21 @@ class _Augmenter:
 
 
 class TrainStream(IterableDataset):
-    """Training batches of one rank, global batch numbers [start, stop) (stop None: endless), from an indexed
-    dataset. Batch g is batch g mod E of epoch g // E (E batches per epoch), whoever reads it."""
+    """Training batches of one rank from an indexed dataset, starting at a data `position` ({"epoch", "consumed",
+    "end"}: how far the epoch's order had got, see `segda.data.plan`) and going on over the following epochs;
+    `num_batches` of them, or endlessly. Each batch carries the position reached once every rank has trained on
+    it: what a checkpoint records, valid on any number of ranks."""
 
-    def __init__(self, ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, start: int = 0,
-                 stop: int | None = None):
+    def __init__(self, ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
+                 position: dict | None = None, num_batches: int | None = None):
         _check_trainable(ds, world)
         self.ds, self.cfg, self.rank, self.world, self.seed = ds, cfg, rank, world, seed
-        self.start, self.stop = start, stop
+        position = position or START
+        self.epoch0, self.start0 = position["epoch"], position["consumed"]
+        self.end0 = position.get("end") or planning.epoch_end(ds.num_samples, world)
         self.batches_per_epoch = planning.batches_per_epoch(ds.num_samples, world, _frames_per_batch(cfg))
-
-    @property
-    def num_batches(self) -> int | None:
-        return None if self.stop is None else self.stop - self.start
+        self.first = len(self._epoch_batches(self.epoch0, self.start0, self.end0))
+        self.num_batches = num_batches
 
     def __iter__(self):
         return self.worker_iter(_worker_index())
@@ -102,7 +106,7 @@ class TrainStream(IterableDataset):
         """What loader worker `worker` yields (benchmarks call this to simulate many workers in one process)."""
         reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads)
         augmenter = _Augmenter(self.cfg, self.seed)
-        numbers = iter(planning.worker_batches(self.start, self.stop, worker, self.cfg.workers))
+        numbers = iter(planning.worker_batches(0, self.num_batches, worker, self.cfg.workers))
         number = next(numbers, None)
         ahead = self._fetch(reader, number)
         try:
@@ -114,21 +118,29 @@ class TrainStream(IterableDataset):
         finally:
             reader.close()
 
+    def _locate(self, number: int) -> tuple[int, int, int, int]:
+        """(epoch, batch in it, first position, end position) of this stream's batch `number`."""
+        if number < self.first:
+            return self.epoch0, number, self.start0, self.end0
+        epoch, b = divmod(number - self.first, self.batches_per_epoch)
+        return self.epoch0 + 1 + epoch, b, 0, planning.epoch_end(self.ds.num_samples, self.world)
+
     def _fetch(self, reader: SampleReader, number: int | None):
         if number is None:
             return None
-        epoch, b = divmod(number, self.batches_per_epoch)
-        return reader.fetch([self.ds.locate(int(i)) for i in self._epoch_batches(epoch)[b]])
+        epoch, b, start, end = self._locate(number)
+        return reader.fetch([self.ds.locate(int(i)) for i in self._epoch_batches(epoch, start, end)[b]])
 
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        if getattr(self, "_cached", (None,))[0] != epoch:
-            self._cached = (epoch, planning.rank_batches(self.ds.num_samples, self.rank, self.world,
-                                                         _frames_per_batch(self.cfg), self.seed, epoch))
+    def _epoch_batches(self, epoch: int, start: int, end: int) -> list[np.ndarray]:
+        key = (epoch, start, end)
+        if getattr(self, "_cached", (None,))[0] != key:
+            self._cached = (key, planning.rank_batches(self.ds.num_samples, self.rank, self.world,
+                                                       _frames_per_batch(self.cfg), self.seed, epoch, start, end))
         return self._cached[1]
 
     def _batch(self, reader: SampleReader, augmenter: _Augmenter, number: int, fetched) -> dict:
-        epoch, b = divmod(number, self.batches_per_epoch)
-        batches = self._epoch_batches(epoch)
+        epoch, b, start, end = self._locate(number)
+        batches = self._epoch_batches(epoch, start, end)
         frames = [[None if s is None else augmenter.crops(s, epoch, reader) for s in reader.read(fetched)]]
         while not any(c is not None for c in frames[-1]):  # all bad: borrow from the rank's next batches
             if len(frames) > len(batches):
@@ -140,7 +152,10 @@ class TrainStream(IterableDataset):
             reader.skipped = counted  # borrowed frames' problems belong to their own batch
         good = [c for c in frames[-1] if c is not None]
         filled = [c if c is not None else good[i % len(good)] for i, c in enumerate(frames[0])]
-        return {**_collate([crop for crops in filled for crop in crops], reader), "epoch": epoch}
+        position = planning.position_after(b, len(batches), _frames_per_batch(self.cfg), self.world, epoch, start,
+                                           end)
+        return {**_collate([crop for crops in filled for crop in crops], reader), "epoch": epoch,
+                "position": position}
 
 
 class SequentialTrainStream(IterableDataset):
@@ -296,7 +311,17 @@ def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoad
     # Its own generator: starting an iterator draws a seed, and drawing it from the global RNG would shift the
     # model's dropout randomness whenever a run resumes mid-epoch (an extra loader start), breaking exact resume.
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+                      prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
+                      worker_init_fn=_ignore_stop_signals if workers else None)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A launcher stopping a job signals the whole process group (torchrun does): the loader's workers must not
+    die of it while their rank finishes its step and checkpoints. They stop with their rank (torch watches it)."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def batches_per_epoch(ds: Dataset, cfg: DataConfig, world: int) -> int:
@@ -310,8 +335,9 @@ def train_stream(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: i
     """One training epoch of one rank from `start_step` on, read by sample (indexed) or by shard."""
     if reads_by_sample(ds, cfg):
         per_epoch = batches_per_epoch(ds, cfg, world)
-        return TrainStream(ds, cfg, rank=rank, world=world, seed=seed, start=epoch * per_epoch + start_step,
-                           stop=(epoch + 1) * per_epoch)
+        position = {"epoch": epoch, "consumed": start_step * _frames_per_batch(cfg) * world, "end": None}
+        return TrainStream(ds, cfg, rank=rank, world=world, seed=seed, position=position,
+                           num_batches=per_epoch - start_step)
     return SequentialTrainStream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
 
 
@@ -323,24 +349,38 @@ def train_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: i
     return _loader(stream, cfg.workers, pin_memory), stream.num_batches
 
 
-def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int, start: int = 0,
-                     pin_memory: bool = False) -> Iterator[dict]:
-    """Endless training batches of one rank from global batch `start` on (epoch x batches_per_epoch + step).
+def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
+                     position: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
+    """Endless training batches of one rank from data `position` on (default: the start of epoch 0), each
+    tagged with its "epoch" and the "position" reached after it.
 
     Indexed datasets go through one DataLoader whose workers live across epochs (no restart stall at each epoch
-    boundary); the others get one DataLoader per epoch. Close the generator to stop the workers.
+    boundary), and a position written with another number of ranks is honoured (see `segda.data.plan`).
+    The others get one DataLoader per epoch and must resume on the world size that wrote the position. Close the
+    generator to stop the workers.
     """
     _warn_unverifiable(ds, cfg)
-    per_epoch = batches_per_epoch(ds, cfg, world)
+    position = position or START
     if reads_by_sample(ds, cfg):
-        stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, start=start)
+        stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, position=position)
         yield from _loader(stream, cfg.workers, pin_memory)
         return
-    epoch, step = divmod(start, per_epoch)
+    per_epoch, frames = batches_per_epoch(ds, cfg, world), _frames_per_batch(cfg)
+    epoch, step = position["epoch"], position["consumed"] // (frames * world)
     while True:
-        stream = train_stream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=step)
-        yield from _loader(stream, cfg.workers, pin_memory)
+        stream = SequentialTrainStream(ds, cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=step)
+        for batch in _loader(stream, cfg.workers, pin_memory):
+            step += 1
+            done = step == per_epoch
+            batch["position"] = {"epoch": epoch + done, "consumed": 0 if done else step * frames * world,
+                                 "end": None}
+            yield batch
         epoch, step = epoch + 1, 0
+
+
+def elastic(ds: Dataset, cfg: DataConfig) -> bool:
+    """Whether a data position written by one number of ranks can be resumed on another."""
+    return reads_by_sample(ds, cfg)
 
 
 def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_size: int = 1,
@@ -350,5 +390,5 @@ def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_si
     return _loader(stream, cfg.workers, pin_memory)
 
 
-__all__ = ["TrainStream", "SequentialTrainStream", "EvalStream", "train_stream", "train_loader", "training_batches",
+__all__ = ["TrainStream", "SequentialTrainStream", "EvalStream", "train_stream", "train_loader", "elastic", "training_batches",
            "eval_loader", "batches_per_epoch", "with_counts"]

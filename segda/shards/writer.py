@@ -238,3 +238,35 @@ def _summary(manifest: dict, out: Path, seconds: float) -> None:
     info(f"wrote {n} samples in {manifest['num_shards']} shard(s) to {out} ({rate:.1f} samples/s); "
          f"skipped {skipped}" + (" (listed in the manifest)" if skipped else ""))
     info(f"manifest: {manifest_path(out, manifest['split'])}")
+
+
+def index_manifest(path: str | Path) -> dict:
+    """Add per-sample byte ranges to a manifest written by segda < 0.2, reading only the tar headers of its local
+    shards (seconds, where re-creating the shards re-encodes every label). Rewrites the manifest atomically."""
+    from segda.data.reader import index_tar
+
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SegdaError(f"cannot read the manifest {path} ({err}); give a *-manifest.json written by `segda shards`")
+    for entry in entries:
+        tar = path.parent / entry["url"]
+        if not tar.is_file():
+            raise SegdaError(f"{tar} (listed in {path}) is not a local file: index the manifest where its shards "
+                             "are on disk, then upload it")
+        try:
+            with open(tar, "rb") as fh:
+                samples = index_tar(fh)
+        except (OSError, tarfile.TarError) as err:
+            raise SegdaError(f"{tar} holds 0 samples readable as a tar ({err}), {path} says "
+                             f"{entry['num_samples']}: re-create the shards") from err
+        if len(samples) != entry["num_samples"] or tar.stat().st_size != entry.get("bytes", tar.stat().st_size):
+            raise SegdaError(f"{tar} holds {len(samples)} samples in {tar.stat().st_size} bytes, {path} says "
+                             f"{entry['num_samples']} in {entry.get('bytes')}: re-create the shards")
+        entry["samples"] = samples
+    manifest["format"] = MANIFEST_FORMAT
+    atomic.write_json(path, manifest)
+    info(f"indexed {sum(e['num_samples'] for e in entries)} samples in {len(entries)} shard(s): {path}")
+    return manifest

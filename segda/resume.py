@@ -1,0 +1,100 @@
+"""What a resume may change, and what happens when it does. Read before the Accelerator exists, since an elastic
+resume changes `train.grad_accum`.
+
+- **The same world size**: the run continues exactly (same batches, same weights as an uninterrupted run).
+- **Another number of processes** (`train.on_world_change`), from an indexed dataset, outside DeepSpeed: the
+  interrupted epoch's untrained samples are shared out among the new ranks, each exactly once (`segda.data.plan`),
+  later epochs follow the new world size, and the optimizer step and schedule continue. `keep_global_batch`
+  (default) keeps batch_size x processes x grad_accum by changing grad_accum, and refuses when that does not divide;
+  `keep_per_rank_batch` keeps grad_accum and lets the global batch change (the learning rate is not rescaled).
+  Ranks that did not exist before start fresh dropout RNG streams.
+- **Changed `optim.*` or `train.max_steps`**: take effect from the next step (new learning rates, weight decay,
+  betas, warmup and decay horizon applied to the restored optimizer and step count), with a line saying so.
+- **Changed data order or batch settings** (`RESUME_KEYS`): refused, naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from segda.config import Config
+from segda.log import SegdaError, info, warn
+
+RESUME_KEYS = ("data.train", "data.batch_size", "data.crops_per_frame", "data.crop_size", "data.base_size",
+               "data.scale_range", "train.seed")
+"""Changing these between a checkpoint and its resume would change which samples or crops come next."""
+SEQUENTIAL_KEYS = ("data.workers", "data.shuffle_buffer")
+"""Shard-by-shard reading (no byte offsets) also depends on these; indexed reading does not."""
+TAKE_EFFECT = ("optim.lr", "optim.head_lr_mult", "optim.weight_decay", "optim.betas", "optim.warmup_steps",
+               "optim.poly_power", "optim.clip_grad_norm", "train.max_steps")
+
+
+def read_state(path: Path) -> dict:
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise SegdaError(f"cannot read {path / 'state.json'} ({err}); resume from another checkpoint") from err
+
+
+def launched_world() -> int:
+    """The number of processes of this launch, known before the Accelerator is made (accelerate/torchrun set it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool, world: int) -> None:
+    """Refuse what would silently change the data or the run; announce what takes effect. Adjusts
+    cfg.train.grad_accum for an elastic resume under keep_global_batch."""
+    if saved.get("stage") != stage:
+        raise SegdaError(f"{path} is a {saved.get('stage')} checkpoint; resume it with `segda {saved.get('stage')}`")
+    before = saved.get("config", {})
+    keys = RESUME_KEYS + (() if elastic else SEQUENTIAL_KEYS)
+    for key in keys:
+        old, new = _get(before, key), _get(cfg.to_dict(), key)
+        if old != new:
+            raise SegdaError(f"{key} was {old!r} when {path} was written, now {new!r}: resume with the same value "
+                             "(it decides which samples and crops come next)")
+    _adjust_batch(saved, cfg, path, elastic=elastic, world=world)
+    for key in TAKE_EFFECT:
+        old, new = _get(before, key), _get(cfg.to_dict(), key)
+        if old is not None and old != new:
+            info(f"{key} was {old!r} in {path}, now {new!r}: the new value takes effect from step "
+                 f"{saved['step'] + 1}")
+
+
+def _adjust_batch(saved: dict, cfg: Config, path, *, elastic: bool, world: int) -> None:
+    old_world = saved.get("world_size", world)
+    old_accum = _get(saved.get("config", {}), "train.grad_accum") or cfg.train.grad_accum
+    if old_world == world:
+        if old_accum != cfg.train.grad_accum:
+            raise SegdaError(f"train.grad_accum was {old_accum} when {path} was written, now "
+                             f"{cfg.train.grad_accum}: resume with the same value (it sets the global batch)")
+        return
+    if not elastic:
+        raise SegdaError(f"{path} was written by {old_world} processes, this run has {world}: resuming on another "
+                         "number of processes needs sample-by-sample reading; add byte offsets to the manifest "
+                         f"with `segda index {cfg.data.train}` (and set data.verify=false), or resume with "
+                         f"{old_world} processes")
+    batch = cfg.data.batch_size
+    global_batch = batch * old_world * old_accum
+    if cfg.train.on_world_change == "keep_per_rank_batch":
+        cfg.train.grad_accum = old_accum
+        warn(f"{path} was written by {old_world} processes, this run has {world}: the global batch changes from "
+             f"{global_batch} to {batch * world * old_accum} (train.on_world_change=keep_per_rank_batch); the "
+             "learning rate is not rescaled")
+        return
+    if global_batch % (batch * world):
+        raise SegdaError(
+            f"{path} was written by {old_world} processes with a global batch of {global_batch} (data.batch_size "
+            f"{batch} x {old_world} processes x train.grad_accum {old_accum}), which {world} processes cannot keep "
+            f"with data.batch_size {batch}: resume on a number of processes that divides {global_batch // batch}, "
+            "or set train.on_world_change=keep_per_rank_batch to let the global batch change")
+    cfg.train.grad_accum = global_batch // (batch * world)
+    info(f"{path} was written by {old_world} processes, this run has {world}: train.grad_accum becomes "
+         f"{cfg.train.grad_accum}, keeping the global batch of {global_batch}")
+
+
+def _get(config: dict, key: str):
+    section, name = key.split(".")
+    return config.get(section, {}).get(name)
