@@ -227,8 +227,8 @@ class _Loop:
         finally:
             batches.close()  # stops the loader's workers
             signals.restore()
+            bar.close()
         self._report_skipped(epoch, skipped)
-        bar.close()
         return self._finish(time.perf_counter() - started)
 
     def _log_samples(self, batch) -> None:

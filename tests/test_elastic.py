@@ -222,3 +222,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(tmp_path, gta5_manifest):
+    """Two "machines" on one host with different --out folders: machine 0 sees a checkpoint, machine 1 does not,
+    as on nodes without a shared filesystem. Every rank must stop naming the cause, not hang or diverge."""
+    cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=[64,64]", max_steps=4)
+    seen = tmp_path / "seen"
+    segda(*cmd, "--out", seen)
+    port = _free_port()
+    procs = []
+    for machine, out in ((0, seen), (1, tmp_path / "unseen")):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+                  "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
+                  "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
+        procs.append(subprocess.Popen(launch + ["-m", "segda", *cmd, "--out", str(out), "--resume", "auto"],
+                                      env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    for err in errors:
+        assert "not visible on every node" in err and "filesystem every node mounts" in err, err[-3000:]
