@@ -243,3 +243,17 @@ def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(t
     assert all(p.returncode != 0 for p in procs)
     for err in errors:
         assert "not visible on every node" in err and "filesystem every node mounts" in err, err[-3000:]
+
+
+def test_sigusr1_also_stops_cleanly_and_time_based_checkpoints_are_written(tmp_path, gta5_manifest):
+    out = tmp_path / "usr1"
+    proc = start(args(gta5_manifest, "train.checkpoint_minutes=0.002", max_steps=400) + ["--out", str(out)])
+    wait_for(lambda: len(logged_steps(out)) >= 4 or proc.poll() is not None, "four steps")
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "SIGUSR1" in err, err[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    # train.checkpoint_every=0: every checkpoint but the last came from the 0.12 s clock
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert steps[-1] == run["step"] and len(steps) == 2, steps  # keep_checkpoints=2: the clock wrote earlier ones
+    assert steps[0] < run["step"]
