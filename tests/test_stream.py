@@ -333,7 +333,8 @@ def test_resume_stays_exact_after_an_undecodable_sample(cityscapes_manifest, tmp
 def test_a_manifest_can_never_supply_a_pipe_command(cityscapes_manifest, tmp_path):
     manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
     data = json.loads(manifest.read_text())
-    data["shards"][0]["url"] = "pipe:echo owned"
-    manifest.write_text(json.dumps(data))
-    with pytest.raises(SegdaError, match="pipe"):
-        resolve_dataset(str(manifest), allow_pipe=True)
+    for url in ("pipe:echo owned", "PIPE:echo owned", " pipe:echo owned", "Pipe:echo owned"):
+        data["shards"][0]["url"] = url
+        manifest.write_text(json.dumps(data))
+        with pytest.raises(SegdaError, match="pipe"):
+            resolve_dataset(str(manifest), allow_pipe=True)

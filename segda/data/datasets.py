@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segda.data.sources import expand_urls, join_url, open_url, read_bytes
+from segda.data.sources import expand_urls, join_url, open_url, read_bytes, url_scheme
 from segda.log import SegdaError, info, warn
 
 
@@ -75,7 +75,7 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
         raise SegdaError(f"{spec} has no 'shards' list: is it a segda manifest (written by `segda shards`)?")
     shards = []
     for n, entry in enumerate(manifest["shards"]):
-        if str(entry.get("url", "")).startswith("pipe:"):
+        if url_scheme(str(entry.get("url", ""))) == "pipe":
             # allow_pipe covers URLs the user typed, never commands that a (possibly remote) manifest supplies.
             raise SegdaError(f"{spec}: shard entry {n} is a pipe: command; manifests may only list files and URLs")
         try:

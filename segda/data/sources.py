@@ -61,9 +61,9 @@ def read_bytes(url: str, **kwargs) -> bytes:
 
 def join_url(base: str, relative: str) -> str:
     """Resolve `relative` (a shard path in a manifest) against the manifest's own URL `base`."""
-    if _scheme(relative) or relative.startswith("/"):
+    if url_scheme(relative) or relative.startswith("/"):
         return relative  # already absolute
-    scheme = _scheme(base)
+    scheme = url_scheme(base)
     if scheme in ("http", "https", "file"):
         return urllib.parse.urljoin(base, relative)
     if scheme == "s3":  # urljoin does not know s3://, so join the key by hand
@@ -86,13 +86,13 @@ def open_url(
     (refused/reset connections, timeouts, HTTP 5xx/429) are retried `retries` times with exponential backoff.
     Every socket operation has `timeout`, so a dead server turns into an error instead of a hang.
     """
-    scheme = _scheme(url)
+    scheme = url_scheme(url)
     if not scheme or scheme == "file":
         return _open_local(_local_path(url, scheme))
     if scheme == "pipe":
         if not allow_pipe:
             raise SegdaError(f"{PIPE_REFUSED}: {url}")
-        return io.BufferedReader(_PipeReader(url[len("pipe:"):], timeout), _BUFFER)
+        return io.BufferedReader(_PipeReader(url.strip()[len("pipe:"):], timeout), _BUFFER)
     return io.BufferedReader(_remote(url, scheme, retries, timeout, backoff), _BUFFER)
 
 
@@ -102,7 +102,7 @@ def read_range(url: str, offset: int, size: int, *, expect_total: int | None = N
     (resumed like `open_url` if the connection drops). `expect_total`: the object's size the caller knows (from a
     manifest); a larger object was replaced since, and raises SegdaError. A shorter one (a truncated copy) raises
     EOFError only if the range runs past its end."""
-    scheme = _scheme(url)
+    scheme = url_scheme(url)
     if not scheme or scheme == "file":
         path = _local_path(url, scheme)
         with _open_local(path) as f:
@@ -153,8 +153,10 @@ def _remote(url: str, scheme: str, retries: int, timeout: float, backoff: float,
     raise SegdaError(f"unsupported URL scheme {scheme!r} in {url}; supported: {SUPPORTED}{hint}")
 
 
-def _scheme(url: str) -> str:
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+def url_scheme(url: str) -> str:
+    """The one place a URL's scheme is read ("" for a local path): every check of a scheme goes through it, so
+    "PIPE:..." or " pipe:..." cannot slip past a check that compares raw strings."""
+    scheme = urllib.parse.urlsplit(url.strip()).scheme.lower()
     return "" if len(scheme) == 1 else scheme  # "C:\\shards" is a Windows drive, not a scheme
 
 
