@@ -156,13 +156,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Write the body in chunks, counting what reached the socket: a client that hangs up mid-body (a reader
         that needed only the head of a shard) is charged for what was sent, as object storage would charge it."""
         view, sent = memoryview(body), 0
+        traffic = self.server.traffic  # the counters current when the request came, even if reset meanwhile
         try:
             while sent < len(body):
                 self.wfile.write(view[sent:sent + (1 << 16)])
                 sent += len(view[sent:sent + (1 << 16)])
         finally:
             if self.command == "GET":
-                self.server.traffic.add(sent)
+                traffic.add(sent)
 
     def cut(self) -> None:
         time.sleep(self.server.faults.stall)

@@ -239,7 +239,7 @@ def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tm
         simulate_eval(ds, cfg(workers=1, strict=True), 1, 1)
     data["shards"][0]["samples"][2][1] = -5
     manifest.write_text(json.dumps(data))
-    with pytest.raises(SegdaError, match="shard entry 0 is malformed.*bad byte range"):
+    with pytest.raises(SegdaError, match=r"shards\[0\]\.samples\[2\] offset is -5"):
         resolve_dataset(str(manifest))
 
 
@@ -274,3 +274,24 @@ def test_s3_range_reads_are_presigned_gets_that_resume_and_name_the_s3_url(city_
         read_range(f"{base}/missing.tar", 0, 10)
     assert "s3://segda-test/scale/missing.tar: HTTP 404" in str(err.value)
     assert "Signature" not in str(err.value), "a presigned URL is a credential: never print it"
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda m: m["shards"][1].update(num_samples=-3), r"shards\[1\]\.num_samples is -3"),
+    (lambda m: m["shards"][1].update(num_samples=2.5), r"shards\[1\]\.num_samples is 2\.5"),
+    (lambda m: m["shards"][1].update(num_samples="8"), r"shards\[1\]\.num_samples is '8'"),
+    (lambda m: m.update(shards={"url": "x.tar"}), "no 'shards' list"),
+    (lambda m: m["shards"].__setitem__(0, "val-000000.tar"), r"shards\[0\] is str"),
+    (lambda m: m["shards"][0].pop("url"), r"shards\[0\]\.url is None"),
+    (lambda m: m["shards"][0].update(sha256="abc"), r"shards\[0\]\.sha256"),
+    (lambda m: m["shards"][0]["samples"].pop(), r"shards\[0\]\.samples lists 7 samples but num_samples is 8"),
+])
+def test_a_malformed_manifest_is_refused_naming_the_field(city_shards, tmp_path, edit, named):
+    from segda.log import SegdaError
+
+    data = json.loads((city_shards / "val-manifest.json").read_text())
+    edit(data)
+    manifest = tmp_path / "val-manifest.json"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(SegdaError, match=named):
+        resolve_dataset(str(manifest))

@@ -71,18 +71,12 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
         manifest = json.loads(read_bytes(spec, allow_pipe=allow_pipe))
     except ValueError as err:
         raise SegdaError(f"{spec} is not a JSON manifest ({err}); was it written by `segda shards`?") from err
-    if not isinstance(manifest, dict) or "shards" not in manifest:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise SegdaError(f"{spec} has no 'shards' list: is it a segda manifest (written by `segda shards`)?")
-    shards = []
-    for n, entry in enumerate(manifest["shards"]):
-        if url_scheme(str(entry.get("url", ""))) == "pipe":
-            # allow_pipe covers URLs the user typed, never commands that a (possibly remote) manifest supplies.
-            raise SegdaError(f"{spec}: shard entry {n} is a pipe: command; manifests may only list files and URLs")
-        try:
-            shards.append(Shard(join_url(spec, entry["url"]), int(entry["num_samples"]), entry.get("sha256"),
-                                entry.get("bytes"), _sample_index(entry)))
-        except (KeyError, TypeError, ValueError) as err:
-            raise SegdaError(f"{spec}: shard entry {n} is malformed ({err}); re-create the shards") from err
+    try:
+        shards = [_shard_entry(spec, n, entry) for n, entry in enumerate(manifest["shards"])]
+    except _BadField as err:
+        raise SegdaError(f"{spec}: {err}; re-create the shards with `segda shards` (or fix the manifest)") from None
     if not shards:
         raise SegdaError(f"{spec} lists no shards")
     ds = Dataset(spec, shards, manifest)
@@ -93,19 +87,54 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
     return ds
 
 
-def _sample_index(entry: dict) -> tuple[tuple[str, int, int], ...] | None:
+class _BadField(ValueError):
+    """A manifest field that is missing or malformed; the message names it."""
+
+
+def _shard_entry(spec: str, n: int, entry) -> Shard:
+    """One validated `shards[n]` entry of a manifest: every field checked, and named when wrong."""
+    where = f"shards[{n}]"
+    if not isinstance(entry, dict):
+        raise _BadField(f"{where} is {type(entry).__name__}, not an object with url and num_samples")
+    url = entry.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise _BadField(f"{where}.url is {url!r}: must be a file path or URL")
+    if url_scheme(url) == "pipe":
+        # allow_pipe covers URLs the user typed, never commands that a (possibly remote) manifest supplies.
+        raise _BadField(f"{where}.url is a pipe: command; manifests may only list files and URLs")
+    count = _whole(entry.get("num_samples"), f"{where}.num_samples")
+    size = None if entry.get("bytes") is None else _whole(entry["bytes"], f"{where}.bytes")
+    sha = entry.get("sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise _BadField(f"{where}.sha256 is {sha!r}: must be 64 lowercase hex digits")
+    return Shard(join_url(spec, url), count, sha, size, _sample_index(entry, where, count, size))
+
+
+def _whole(value, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _BadField(f"{field_name} is {value!r}: must be a whole number >= 0")
+    return value
+
+
+def _sample_index(entry: dict, where: str, count: int, size: int | None) -> tuple[tuple[str, int, int], ...] | None:
     """The shard entry's "samples" ([key, offset, size] each), checked against its count and size."""
     if "samples" not in entry:
         return None
-    samples = tuple((str(key), int(offset), int(size)) for key, offset, size in entry["samples"])
-    if len(samples) != int(entry["num_samples"]):
-        raise ValueError(f"'samples' lists {len(samples)} samples but 'num_samples' is {entry['num_samples']}")
-    end = 0
-    for key, offset, size in samples:
-        if offset < end or size <= 0 or (entry.get("bytes") is not None and offset + size > int(entry["bytes"])):
-            raise ValueError(f"sample {key!r} has a bad byte range [{offset}, {offset + size})")
-        end = offset + size
-    return samples
+    listed = entry["samples"]
+    if not isinstance(listed, list) or len(listed) != count:
+        got = len(listed) if isinstance(listed, list) else type(listed).__name__
+        raise _BadField(f"{where}.samples lists {got} samples but num_samples is {count}")
+    samples, end = [], 0
+    for i, item in enumerate(listed):
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)):
+            raise _BadField(f"{where}.samples[{i}] is {item!r}: must be [key, offset, size]")
+        key = item[0]
+        offset, length = _whole(item[1], f"{where}.samples[{i}] offset"), _whole(item[2], f"{where}.samples[{i}] size")
+        if offset < end or length == 0 or (size is not None and offset + length > size):
+            raise _BadField(f"{where}.samples[{i}] ({key!r}) has a bad byte range [{offset}, {offset + length})")
+        samples.append((key, offset, length))
+        end = offset + length
+    return tuple(samples)
 
 
 def with_counts(ds: Dataset, *, allow_pipe: bool = False) -> Dataset:
