@@ -253,3 +253,15 @@ def test_pipe_failure_raises_at_close(tmp_path):
 def test_pipe_closed_early_is_not_an_error():
     with open_url("pipe:yes", allow_pipe=True, timeout=2.0) as f:  # endless output: dies of SIGPIPE on close
         assert f.read(4) == b"y\ny\n"
+
+
+def test_an_unreachable_s3_endpoint_is_retried_and_named(monkeypatch):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "NO_PROXY": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SegdaError, match=r"giving up on s3://bucket/a\.tar after 2 attempts.*EndpointConnectionError"):
+        open_url("s3://bucket/a.tar", retries=2, backoff=0.01, timeout=2.0)

@@ -373,10 +373,12 @@ def _split_s3(url: str) -> tuple[str, str]:
 
 
 def _botocore_transient() -> tuple:
-    from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
+    from botocore.exceptions import ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError
 
-    # HTTPClientError covers ReadTimeoutError, ConnectTimeoutError, EndpointConnectionError, ConnectionClosedError.
-    return HTTPClientError, IncompleteReadError, ResponseStreamingError
+    # HTTPClientError covers ReadTimeoutError and ConnectionClosedError; botocore's ConnectionError covers
+    # EndpointConnectionError and ConnectTimeoutError (an endpoint that is down or unreachable), which are not
+    # HTTPClientErrors.
+    return ConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError
 
 
 def _s3_connector(url: str, timeout: float) -> _Connector:
