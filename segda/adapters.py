@@ -20,6 +20,8 @@ from peft import PeftModel, get_peft_model
 from segda import atomic
 from segda.classes import CLASS_NAMES, NUM_CLASSES
 from segda.config import LoraConfig
+from safetensors import SafetensorError
+
 from segda.log import SegdaError, warn
 from segda.model import build_model, fingerprint
 
@@ -130,7 +132,11 @@ def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base
                          f"{str(meta.get('base_fingerprint'))[:16]}, but {base_path} has {found[:16]}: "
                          "use the adapter's own base, or pass --allow-base-mismatch if you know better")
     # peft reads adapter_model.safetensors (safetensors only: there is no .bin in a segda adapter).
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except SafetensorError as err:
+        raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter again "
+                         "or re-run `segda adapt`") from err
 
 
 def merge(adapted: PeftModel):

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from segda import atomic
@@ -126,5 +127,10 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict, dict | Non
     """(model tensors, optimizer tensors, optimizer rest, this rank's RNG tensors or None when the checkpoint was
     written by fewer processes); state.json is the caller's."""
     rng_file = path / f"rng-{rank}.safetensors"
-    return (load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")),
-            json.loads((path / "optimizer.json").read_text()), load_file(str(rng_file)) if rng_file.is_file() else None)
+    try:
+        return (load_file(str(path / "model.safetensors")), load_file(str(path / "optimizer.safetensors")),
+                json.loads((path / "optimizer.json").read_text()),
+                load_file(str(rng_file)) if rng_file.is_file() else None)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SegdaError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); resume from an older one "
+                         f"with --resume {path.parent}/step-NNNNNN, or delete this folder") from err

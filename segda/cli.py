@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from segda.log import SegdaError
 
@@ -24,11 +26,25 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type for a whole number in [low, high]: a bad value is refused before anything runs."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number {allowed}")
+        return value
+    return parse
+
+
 def _add_synth(sub) -> None:
     p = sub.add_parser("synth", help="write a synthetic dataset in GTA5's or Cityscapes' raw layout")
     p.add_argument("dataset", choices=["gta5", "cityscapes"])
     p.add_argument("out", help="folder to write the raw dataset into")
-    p.add_argument("--num", type=int, default=40, help="number of frames (default 40)")
+    p.add_argument("--num", type=_int_in(1), default=40, help="number of frames (default 40)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default 320x176 gta5, 320x160 cityscapes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="cityscapes split folder")
@@ -38,6 +54,11 @@ def _add_synth(sub) -> None:
 
 def _run_synth(args) -> int:
     from segda.shards.synth import synth_cityscapes, synth_gta5
+
+    target = Path(args.out) / ("images" if args.dataset == "gta5" else f"leftImg8bit/{args.split}")
+    if target.is_dir() and any(target.iterdir()):  # a mistyped path must not replace a real dataset's frames
+        raise SegdaError(f"{target} already holds frames: synth writes only into a new or empty folder; choose "
+                         "another output folder or delete this one first")
 
     kwargs = {"size": args.size} if args.size else {}
     if args.dataset == "gta5":
@@ -59,11 +80,11 @@ def _add_shards(sub) -> None:
                    help="cityscapes: train|val|test folder; gta5: which ids of --split-file (and the shard names)")
     p.add_argument("--split-file", default=None, help="gta5: the official split.mat or a text file of frame ids")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    p.add_argument("--workers", type=int, default=1, help="encoder processes (default 1)")
+    p.add_argument("--workers", type=_int_in(1), default=1, help="encoder processes (default 1)")
     p.add_argument("--resize", type=_size, default=None, help="store frames at WIDTHxHEIGHT (e.g. 1280x720)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
                    help="keep the original bytes (default), or re-encode as png or bmp (lossless) or jpg or webp (lossy)")
-    p.add_argument("--quality", type=int, default=90, help="jpg/webp quality (default 90)")
+    p.add_argument("--quality", type=_int_in(1, 100), default=90, help="jpg/webp quality, 1-100 (default 90)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.set_defaults(run=_run_shards)
 
@@ -147,7 +168,7 @@ def _add_evaluate(sub) -> None:
                    help="a manifest or shard URL pattern: local, http(s)://, s3:// (repeatable)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples per dataset (0: all)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers per process")
+    p.add_argument("--workers", type=_int_in(0), default=2, help="loader workers per process")
     p.add_argument("--examples", type=int, default=4, help="example predictions per pair in the report")
     p.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest")
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
@@ -225,7 +246,7 @@ def _add_bench(sub) -> None:
     loader = kinds.add_parser("loader", help="shard stream vs PIL + SegformerImageProcessor on the raw PNGs")
     loader.add_argument("--data", required=True, help="manifest of the shards")
     loader.add_argument("--raw", required=True, help="the raw dataset folder the shards were made from")
-    loader.add_argument("--workers", type=int, default=1)
+    loader.add_argument("--workers", type=_int_in(0), default=1)
     loader.add_argument("--crop", type=int, default=512)
     loader.add_argument("--batch", type=int, default=4)
     loader.add_argument("--samples", type=int, default=64, help="samples per timed run")
@@ -242,11 +263,11 @@ def _add_bench(sub) -> None:
     shards.add_argument("dataset", choices=["gta5", "cityscapes"])
     shards.add_argument("raw")
     shards.add_argument("--split", default="train")
-    shards.add_argument("--workers", type=int, default=1)
+    shards.add_argument("--workers", type=_int_in(1), default=1)
     shards.add_argument("--repeats", type=int, default=3)
     stream = kinds.add_parser("stream", help="W ranks x K workers in one process against counting HTTP/S3 servers")
     stream.add_argument("--world", type=int, default=8, help="simulated ranks (default 8)")
-    stream.add_argument("--workers", type=int, default=8, help="loader workers per rank (default 8)")
+    stream.add_argument("--workers", type=_int_in(0), default=8, help="loader workers per rank (default 8)")
     stream.add_argument("--train", type=int, default=2975, help="training frames (default: Cityscapes' 2,975)")
     stream.add_argument("--val", type=int, default=500, help="validation frames (default: Cityscapes' 500)")
     stream.add_argument("--shard-size", type=int, default=256)
@@ -303,13 +324,38 @@ _COMMANDS = [
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_out(args)
         return args.run(args) or 0
     except SegdaError as err:
-        print(f"segda: error: {err}", file=sys.stderr)
+        print(f"segda: error: {_user_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        where = err.filename or getattr(args, "out", None) or "the output"
+        print(f"segda: error: cannot write {where}: {err.strerror}; free some space or choose another --out "
+              "(what was complete before is kept; nothing half-written was left under a final name)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("segda: interrupted", file=sys.stderr)
         return 130
+
+
+def _check_out(args) -> None:
+    """Every command's output folder: an existing file there is a mistyped path, never something to replace."""
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise SegdaError(f"the output {out} is an existing file, not a folder: give a folder for the output")
+
+
+def _user_message(err: SegdaError) -> str:
+    """A SegdaError raised in a DataLoader worker comes back wrapped in the worker's traceback, with the message
+    last; keep only the message (it names the file or URL)."""
+    text = str(err)
+    if "Original Traceback" in text and "SegdaError: " in text:
+        return text.rsplit("SegdaError: ", 1)[1].strip()
+    return text
 
 
 if __name__ == "__main__":

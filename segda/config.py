@@ -49,6 +49,10 @@ class DataConfig:
     shuffle_buffer: int = 64
     """Samples held per worker for shuffling, for datasets read shard by shard (no byte offsets in the manifest);
     indexed datasets are shuffled over the whole dataset and ignore it."""
+    timeout: float = 30.0
+    """Seconds a remote read may wait on a silent server before that attempt fails (then it is retried)."""
+    retries: int = 5
+    """Attempts per remote read before giving up (exponential backoff, each retry announced on stderr)."""
     io_threads: int = 4
     """Sample reads in flight per loader worker (indexed datasets): hides the round trip of each Range request."""
     eval_size: list[int] = field(default_factory=lambda: [1024, 512])
@@ -276,6 +280,8 @@ def validate(cfg: Config) -> None:
     _check(len(d.eval_size) == 2 and min(d.eval_size) >= 8, "data.eval_size", "must be [width, height]")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
     _check(d.io_threads >= 1, "data.io_threads", "must be at least 1")
+    _check(d.timeout > 0, "data.timeout", "must be a positive number of seconds")
+    _check(d.retries >= 1, "data.retries", "must be at least 1")
     _check(d.crops_per_frame >= 1 and d.batch_size % d.crops_per_frame == 0, "data.crops_per_frame",
            f"must be >= 1 and divide data.batch_size ({d.batch_size})")
     _check(o.lr > 0, "optim.lr", "must be positive")

@@ -152,6 +152,10 @@ def load_any(path: str, base: str | None = None, allow_base_mismatch: bool = Fal
 
     if is_adapter(path):
         return load_adapted(path, base, allow_base_mismatch=allow_base_mismatch)
+    if (Path(path) / "adapter_model.safetensors").is_file() or (Path(path) / "segda.json").is_file():
+        raise SegdaError(f"{path} looks like an adapter folder but has no adapter_config.json: copy the whole "
+                         "folder written by `segda adapt` (adapter_config.json, adapter_model.safetensors, "
+                         "segda.json)")
     if base:
         raise SegdaError(f"--base applies to adapters, but {path} is a full model folder")
     return build_model(path)

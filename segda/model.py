@@ -19,6 +19,8 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from segda import atomic
 from segda.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
 from segda.data.transforms import MEAN, STD
+from safetensors import SafetensorError
+
 from segda.log import SegdaError
 
 
@@ -48,6 +50,10 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
     if looks_local and not (path / "config.json").is_file():
         raise SegdaError(f"model folder {path} has no config.json: give a folder written by `segda pretrain` "
                          "(RUN_DIR/model) or `save_pretrained`, or a hub id like nvidia/mit-b0")
+    if looks_local and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise SegdaError(f"{path} holds only pickled .bin weights: segda reads safetensors only (a pickle can run "
+                         "code). In an environment you trust, load it with transformers and save_pretrained("
+                         "safe_serialization=True), then point here")
     try:
         found = SegformerConfig.from_pretrained(name_or_path)
         has_head = "SegformerForSemanticSegmentation" in (found.architectures or [])
@@ -60,6 +66,9 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
     except OSError as err:
         raise SegdaError(f"cannot load model {name_or_path!r}: {err}. Hub ids need network access and a "
                          "model.safetensors file; offline, download the folder and point at it") from err
+    except SafetensorError as err:
+        raise SegdaError(f"{name_or_path}: its .safetensors weights are corrupt or truncated ({err}); copy the "
+                         "folder again or re-run the stage that wrote it") from err
 
 
 def save_model(model, out_dir: str | Path) -> Path:

@@ -37,22 +37,50 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 @torch.no_grad()
+def output_names(images: list[str]) -> dict[Path, str]:
+    """A distinct output name per input image: its stem, or, where stems collide (a/frame.png, b/frame.png),
+    the stem prefixed with as many parent folders as it takes (a__frame, b__frame). No result overwrites another."""
+    paths = [Path(name) for name in images]
+    seen = set()
+    for path in paths:
+        if path.resolve() in seen:
+            raise SegdaError(f"{path} is given twice: name each image once")
+        seen.add(path.resolve())
+    names = {}
+    for path in paths:
+        depth, parts = 0, path.resolve().parts[:-1]
+        while True:
+            name = "__".join([*parts[len(parts) - depth:], path.stem]) if depth else path.stem
+            clashes = [p for p in paths if p != path and _name_at(p, depth) == name]
+            if not clashes or depth >= len(parts):
+                break
+            depth += 1
+        names[path] = name
+    if len(set(names.values())) != len(names):
+        raise SegdaError("two images would get the same output name; rename one of them")
+    return names
+
+
+def _name_at(path: Path, depth: int) -> str:
+    parts = path.resolve().parts[:-1]
+    return "__".join([*parts[len(parts) - depth:], path.stem]) if depth else path.stem
+
+
 def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts: InferenceOptions, *,
                   base: str | None = None, allow_base_mismatch: bool = False, device: str | None = None) -> list[Path]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any(model_path, base, allow_base_mismatch).to(device).eval()
     out_dir = Path(out_dir)
     written = []
-    for name in images:
-        path = Path(name)
+    for path, stem in output_names(images).items():
         rgb = _read_rgb(path)
         shown = resize_image(rgb, opts.eval_size) if opts.mode == "whole" else rgb
         logits = predict_logits(model, [torch.from_numpy(shown)], [rgb.shape[:2]], opts, device)[0]
         mask = logits.argmax(0).to(torch.uint8).cpu().numpy()
         overlay = (0.5 * rgb + 0.5 * colorize(mask)).astype(np.uint8)
-        _write_png(out_dir / f"{path.stem}.png", mask)
-        _write_png(out_dir / f"{path.stem}_overlay.png", overlay)
-        written.append(out_dir / f"{path.stem}.png")
+        _write_png(out_dir / f"{stem}.png", mask)
+        _write_png(out_dir / f"{stem}_overlay.png", overlay)
+        written.append(out_dir / f"{stem}.png")
     info(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
     return written
 

@@ -186,6 +186,21 @@ class _Loop:
 
     # ---- main loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except Preempted:
+            raise
+        except BaseException as err:  # run.json must not say "running" after the run died
+            if self.acc.is_main_process and (self.out / "run.json").is_file():
+                try:
+                    message = str(err).rsplit("SegdaError: ", 1)[-1].strip()
+                    atomic.write_json(self.out / "run.json", {**self._summary(status="failed"),
+                                                              "error": f"{type(err).__name__}: {message}"})
+                except Exception:  # recording the failure must not hide it (a full disk fails here too)
+                    pass
+            raise
+
+    def _run(self) -> dict:
         acc, cfg = self.acc, self.cfg
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -65,8 +65,9 @@ class SampleReader(_BadDataPolicy):
     """
 
     def __init__(self, ds: Dataset, *, strict: bool = False, threads: int = 4,
-                 max_request: int = MAX_REQUEST_BYTES):
+                 max_request: int = MAX_REQUEST_BYTES, timeout: float = 30.0, retries: int = 5):
         super().__init__(strict)
+        self.timeout, self.retries = timeout, retries
         if not ds.indexed:
             raise ValueError(f"{ds.spec} has no per-sample byte offsets; use ShardReader")
         self.ds, self.max_request, self.threads = ds, max_request, max(1, threads)
@@ -110,7 +111,8 @@ class SampleReader(_BadDataPolicy):
     def _fetch_run(self, shard: int, positions: list[int]) -> bytes:
         info = self.ds.shards[shard]
         first, last = info.samples[positions[0]], info.samples[positions[-1]]
-        return read_range(info.url, first[1], last[1] + last[2] - first[1], expect_total=info.bytes)
+        return read_range(info.url, first[1], last[1] + last[2] - first[1], expect_total=info.bytes,
+                          timeout=self.timeout, retries=self.retries)
 
     def _parse_run(self, shard: int, positions: list[int], future: Future) -> Iterator[dict | None]:
         info = self.ds.shards[shard]
@@ -158,9 +160,11 @@ def _done(fn, *args) -> Future:
 class ShardReader(_BadDataPolicy):
     """Streams shards from byte 0, yielding the samples of a [start, stop) window of tar positions."""
 
-    def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False):
+    def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False,
+                 timeout: float = 30.0, retries: int = 5):
         super().__init__(strict)
         self.ds, self.verify, self.allow_pipe = ds, verify, allow_pipe
+        self.timeout, self.retries = timeout, retries
 
     def segment(self, shard: int, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         url = self.ds.shards[shard].url
@@ -192,7 +196,7 @@ class ShardReader(_BadDataPolicy):
 
     def _open(self, shard: int):
         info = self.ds.shards[shard]
-        stream = open_url(info.url, allow_pipe=self.allow_pipe)
+        stream = open_url(info.url, allow_pipe=self.allow_pipe, timeout=self.timeout, retries=self.retries)
         if not (self.verify and info.sha256):
             return stream
         # Refusing a bad shard means hashing it before yielding anything from it: spool it, hash, then read.

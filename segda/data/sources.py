@@ -31,7 +31,7 @@ from typing import BinaryIO, Callable
 import braceexpand
 
 from segda.data import keepalive
-from segda.log import SegdaError
+from segda.log import SegdaError, warn
 
 SUPPORTED = "local paths, file://, http://, https://, s3:// and pipe: (opt-in)"
 PIPE_REFUSED = (
@@ -259,8 +259,11 @@ class _Resumable(io.RawIOBase):
                         f"giving up on {self.url} after {self._failures} attempts at byte {self._offset} "
                         f"(last error: {type(e).__name__}: {e}); check the URL, the network and the server"
                     ) from e
-                delay = min(self._backoff * 2 ** (self._failures - 1), MAX_BACKOFF)
-                time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: many workers must not retry in lockstep
+                delay = min(self._backoff * 2 ** (self._failures - 1), MAX_BACKOFF) * random.uniform(0.5, 1.0)
+                # Said at once: a stalled server must not look like a hung run (data.timeout, data.retries).
+                warn(f"{self.url}: {type(e).__name__}: {e} at byte {self._offset}; retrying in {delay:.1f} s "
+                     f"(attempt {self._failures + 1} of {self._retries})")
+                time.sleep(delay)  # jitter: many workers must not retry in lockstep
 
     def _drop_body(self) -> None:
         body, self._body = self._body, None

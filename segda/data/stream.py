@@ -104,7 +104,8 @@ class TrainStream(IterableDataset):
 
     def worker_iter(self, worker: int) -> Iterator[dict]:
         """What loader worker `worker` yields (benchmarks call this to simulate many workers in one process)."""
-        reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads)
+        reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads,
+                              timeout=self.cfg.timeout, retries=self.cfg.retries)
         augmenter = _Augmenter(self.cfg, self.seed)
         numbers = iter(planning.worker_batches(0, self.num_batches, worker, self.cfg.workers))
         number = next(numbers, None)
@@ -183,7 +184,8 @@ class SequentialTrainStream(IterableDataset):
         worker = (loader_worker + self.rotation) % len(self.plans)
         plan, skip = self.plans[worker], self.skip_batches[worker]
         reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
-                             allow_pipe=self.cfg.allow_pipe)
+                             allow_pipe=self.cfg.allow_pipe, timeout=self.cfg.timeout,
+                             retries=self.cfg.retries)
         raw = (s for seg in plan.segments for s in reader.segment(seg.shard, seg.start, seg.stop))
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         stream = _shuffled(raw, self.cfg.shuffle_buffer, rng)
@@ -261,11 +263,13 @@ class EvalStream(IterableDataset):
     def worker_iter(self, worker: int) -> Iterator[dict]:
         tasks = self.tasks[worker]
         if reads_by_sample(self.ds, self.cfg):
-            reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads)
+            reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads,
+                              timeout=self.cfg.timeout, retries=self.cfg.retries)
             raw = reader.read([(shard, p) for shard, start, stop in tasks for p in range(start, stop)])
         else:
             reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
-                                 allow_pipe=self.cfg.allow_pipe)
+                                 allow_pipe=self.cfg.allow_pipe, timeout=self.cfg.timeout,
+                             retries=self.cfg.retries)
             raw = (s for shard, start, stop in tasks for s in reader.segment(shard, start, stop))
         batch: list[tuple] = []
         for sample in raw:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from segda.classes import IGNORE, MAX_LABEL_ID, NUM_CLASSES, label_id_lut
 from segda.shards.layouts import RawSample
@@ -88,27 +90,47 @@ def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
 
 
 def _read(path, what: str) -> bytes:
+    _regular(path, what)
     try:
         return path.read_bytes()
     except OSError as err:
-        raise BadSample(f"cannot read {what}: {err}", what) from err
+        raise BadSample(f"cannot read {what}: {err.strerror}", what) from err
+
+
+def _regular(path, what: str) -> None:
+    """Only regular files are read: opening a FIFO would block the creator forever, a device would never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise BadSample(f"cannot read {what}: {err.strerror}", what) from err
+    if not stat.S_ISREG(mode):
+        raise BadSample(f"{what} is not a regular file (a FIFO, socket or device)", what)
 
 
 def _check_image(data: bytes, sample: RawSample, opts: EncodeOptions) -> tuple[int, int]:
-    """Return (width, height); a truncated or corrupt file fails here, not later in a training worker."""
+    """Return (width, height). The image is decoded in full, as training will decode it: a file whose chunks are
+    intact but whose compressed pixels are corrupt fails here and is not counted in the manifest."""
+    if not data:
+        raise BadSample("unreadable image: the file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
             size, mode = im.size, im.mode
-            # verify() walks every chunk and checks its CRC: catches truncation without paying for a full decode.
-            im.verify()
+    except UnidentifiedImageError:
+        raise BadSample(f"unreadable image: not in a known image format ({len(data)} bytes)") from None
     except Exception as err:  # PIL raises a zoo of types for broken files
         raise BadSample(f"unreadable image ({type(err).__name__}: {err})") from err
     if mode not in ("RGB", "RGBA", "L", "P"):
         raise BadSample(f"image mode {mode} is not an RGB image")
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or (pixels.shape[1], pixels.shape[0]) != size:
+        raise BadSample("unreadable image: its data is corrupt or truncated (the pixels do not decode)")
     return size
 
 
 def _read_label_ids(sample: RawSample) -> np.ndarray:
+    _regular(sample.label, "label")
+    if os.path.getsize(sample.label) == 0:
+        raise BadSample("empty label file (0 bytes)", "label")
     try:
         with Image.open(sample.label) as im:
             mode = im.mode

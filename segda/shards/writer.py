@@ -75,8 +75,12 @@ def create_shards(dataset: str, root: str | Path, out: str | Path, encode: Encod
     seconds = time.perf_counter() - start
     manifest = _manifest(dataset, root, encode, opts, records, orphans)
     if manifest["num_samples"] == 0:
+        for record in records:  # no empty tars left under final names, no records a re-run would trust
+            (out / record["url"]).unlink(missing_ok=True)
+        for part in parts.glob(f"{encode.split}-*.json"):
+            part.unlink()
         raise SegdaError(f"every sample under {root} was skipped ({manifest['num_skipped']} problems, see the "
-                         "warnings above): no manifest written")
+                         "warnings above): no shards and no manifest written; fix the files and run again")
     atomic.write_json(manifest_path(out, encode.split), manifest)
     for part in parts.glob(f"{encode.split}-*.json"):  # only this split's: another may be writing beside it
         part.unlink()
@@ -106,7 +110,22 @@ def _pool(workers: int):
     if workers <= 1:
         return _InlinePool()
     # fork: workers inherit imported cv2/numpy instantly; encoding holds no locks or threads worth worrying about.
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                  initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """An encoder worker must not outlive a creator killed with kill -9 (nothing else would ever stop it): ask
+    Linux to send it SIGKILL when its parent dies, and leave at once if that already happened."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still applies to normal exits
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class _InlinePool:
@@ -159,6 +178,7 @@ def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results,
         "class_pixels": pixels.tolist(), "ignore_pixels": sum(r.ignore_pixels for r in good),
         "skipped": [asdict(r) for r in results if isinstance(r, Orphan)],
         "keys": [s.key for s in shard], "fingerprint": fingerprint, "samples": sample_ranges,
+        "inputs": _inputs_digest(shard),
     }
     # The part record is written after the shard: a record always describes a complete shard.
     atomic.write_json(parts / f"{split}-{index:06d}.json", record)
@@ -186,9 +206,25 @@ def _reusable(out: Path, parts: Path, split: str, index: int, shard, fingerprint
         return None
     if "samples" not in record:  # written before manifests carried byte offsets
         return None
+    if record.get("inputs") != _inputs_digest(shard):  # a raw file was edited, replaced or removed since
+        return None
     if record.get("sha256") != _sha256_file(tar):
         return None
     return record
+
+
+def _inputs_digest(shard: list[RawSample]) -> str:
+    """What a finished shard was built from: each raw file's path, size and modification time. A re-run reuses
+    the shard only if these are unchanged, so an edited frame is never served from an old shard."""
+    digest = hashlib.sha256()
+    for sample in shard:
+        for path in (sample.image, sample.label):
+            try:
+                st = os.stat(path)
+                digest.update(f"{sample.rel(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(f"{sample.rel(path)}\0missing\n".encode())
+    return digest.hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
