@@ -72,7 +72,7 @@ def save_adapter(model: PeftModel, out_dir: str | Path, *, base: str, base_finge
     meta = {"base_model": base, "base_fingerprint": base_fingerprint, "num_classes": NUM_CLASSES,
             "class_names": list(CLASS_NAMES), "trainable_parameters": trainable, "config": config,
             "metrics": metrics or {}}
-    with atomic.atomic_path(out_dir) as tmp:
+    with atomic.atomic_path(out_dir) as tmp, atomic.os_errors(out_dir):
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(meta, tmp))

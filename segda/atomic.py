@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,6 +43,20 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors reports a failed write (a full disk) as SafetensorError("... (os error 28)"): re-raise it as
+    the OSError it is, naming `path`, so the CLI can say what happened instead of printing a traceback."""
+    try:
+        yield
+    except Exception as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found and not isinstance(err, OSError):
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from err
+        raise
 
 
 def write_bytes(final: str | os.PathLike, data: bytes) -> None:

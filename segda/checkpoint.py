@@ -104,7 +104,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
                     rng: list[dict[str, torch.Tensor]], keep: int) -> Path:
     """Main process: write the checkpoint folder atomically (every rank's RNG state included), prune old ones."""
     final = checkpoint_dir(run_dir, step)
-    with atomic.atomic_path(final) as tmp:
+    with atomic.atomic_path(final) as tmp, atomic.os_errors(final):
         tmp.mkdir()
         save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         tensors, rest = optimizer_tensors(optimizer)

@@ -74,7 +74,7 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
 def save_model(model, out_dir: str | Path) -> Path:
     """save_pretrained (safetensors) into a temporary folder, then swap it in: never a half-written model."""
     model = getattr(model, "module", model)
-    with atomic.atomic_path(out_dir) as tmp:
+    with atomic.atomic_path(out_dir) as tmp, atomic.os_errors(out_dir):
         model.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
 

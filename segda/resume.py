@@ -56,6 +56,7 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool
             raise SegdaError(f"{key} was {old!r} when {path} was written, now {new!r}: resume with the same value "
                              "(it decides which samples and crops come next)")
     _adjust_batch(saved, cfg, path, elastic=elastic, world=world)
+    check_data_order(saved, path, elastic=elastic, cfg=cfg)
     for key in TAKE_EFFECT:
         old, new = _get(before, key), _get(cfg.to_dict(), key)
         if old is not None and old != new:
@@ -66,33 +67,43 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool
 def _adjust_batch(saved: dict, cfg: Config, path, *, elastic: bool, world: int) -> None:
     old_world = saved.get("world_size", world)
     old_accum = _get(saved.get("config", {}), "train.grad_accum") or cfg.train.grad_accum
-    if old_world == world:
-        if old_accum != cfg.train.grad_accum:
-            raise SegdaError(f"train.grad_accum was {old_accum} when {path} was written, now "
-                             f"{cfg.train.grad_accum}: resume with the same value (it sets the global batch)")
-        return
-    if not elastic:
+    batch = cfg.data.batch_size
+    global_batch = batch * old_world * old_accum
+    if old_world != world and not elastic:
         raise SegdaError(f"{path} was written by {old_world} processes, this run has {world}: resuming on another "
                          "number of processes needs sample-by-sample reading; add byte offsets to the manifest "
                          f"with `segda index {cfg.data.train}` (and set data.verify=false), or resume with "
                          f"{old_world} processes")
-    batch = cfg.data.batch_size
-    global_batch = batch * old_world * old_accum
     if cfg.train.on_world_change == "keep_per_rank_batch":
+        if old_world != world:
+            warn(f"{path} was written by {old_world} processes, this run has {world}: the global batch changes "
+                 f"from {global_batch} to {batch * world * old_accum} (train.on_world_change=keep_per_rank_batch); "
+                 "the learning rate is not rescaled")
         cfg.train.grad_accum = old_accum
-        warn(f"{path} was written by {old_world} processes, this run has {world}: the global batch changes from "
-             f"{global_batch} to {batch * world * old_accum} (train.on_world_change=keep_per_rank_batch); the "
-             "learning rate is not rescaled")
         return
+    # keep_global_batch: the checkpoint's global batch, whatever train.grad_accum the command line carries (a
+    # requeued job repeats the command of its first start, before an earlier resume changed grad_accum).
     if global_batch % (batch * world):
         raise SegdaError(
             f"{path} was written by {old_world} processes with a global batch of {global_batch} (data.batch_size "
             f"{batch} x {old_world} processes x train.grad_accum {old_accum}), which {world} processes cannot keep "
             f"with data.batch_size {batch}: resume on a number of processes that divides {global_batch // batch}, "
             "or set train.on_world_change=keep_per_rank_batch to let the global batch change")
-    cfg.train.grad_accum = global_batch // (batch * world)
-    info(f"{path} was written by {old_world} processes, this run has {world}: train.grad_accum becomes "
-         f"{cfg.train.grad_accum}, keeping the global batch of {global_batch}")
+    accum = global_batch // (batch * world)
+    if accum != cfg.train.grad_accum:
+        info(f"{path} was written by {old_world} processes with a global batch of {global_batch}; with {world} "
+             f"process(es) train.grad_accum becomes {accum}, keeping the global batch of {global_batch}")
+    cfg.train.grad_accum = accum
+
+
+def check_data_order(saved: dict, path, *, elastic: bool, cfg: Config) -> None:
+    """A data position means something only in the order it was written in (sample by sample, or shard by shard)."""
+    written = (saved.get("data") or {}).get("order")
+    now = "by_sample" if elastic else "by_shard"
+    if written and written != now:
+        raise SegdaError(f"{path} was written reading {cfg.data.train} {written.replace('_', ' ')}, this run reads "
+                         f"it {now.replace('_', ' ')} (data.verify, or byte offsets added to the manifest, changed "
+                         "in between): resume with the same data.verify and the same manifest")
 
 
 def _get(config: dict, key: str):

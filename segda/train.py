@@ -86,7 +86,15 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     """Run one stage; return the summary that also goes to RUN_DIR/run.json."""
     if stage not in STAGES:
         raise SegdaError(f"unknown stage {stage!r}; choose one of {STAGES}")
-    out_dir = Path(out_dir)
+    # From the first moment: a SIGTERM during start-up is answered at the first step, not by dying.
+    signals = StopSignals()
+    try:
+        return _train(stage, cfg, Path(out_dir), resume, signals)
+    finally:
+        signals.restore()
+
+
+def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: StopSignals) -> dict:
     set_main_process(int(os.environ.get("RANK", "0")) == 0)
     train_ds = with_counts(resolve_dataset(cfg.data.train, allow_pipe=cfg.data.allow_pipe),
                            allow_pipe=cfg.data.allow_pipe)
@@ -117,7 +125,7 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     model, optimizer = accelerator.prepare(model, optimizer)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
-    loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp)
+    loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp, signals)
     loop.restore(found, saved)
     return loop.run()
 
@@ -135,7 +143,8 @@ def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
 
 
 class _Loop:
-    def __init__(self, stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp):
+    def __init__(self, stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp,
+                 signals: StopSignals):
         self.stage, self.cfg, self.out, self.acc = stage, cfg, out_dir, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
@@ -146,16 +155,20 @@ class _Loop:
         self.position = dict(START)  # of the data order, after the last micro-batch trained on
         self.control = Control(accelerator.num_processes)
         self.clock = CheckpointClock(cfg.train.checkpoint_minutes)
+        self.signals = signals
 
     # ---- resume -------------------------------------------------------------------------------------------
     def restore(self, path: Path | None, state: dict | None) -> None:
         """Call on every rank, with or without a checkpoint: the ranks first agree that they all see the same."""
         acc = self.acc
-        some_have, some_lack = self.control.agree(path is not None, path is None)
-        if some_have and some_lack:  # every rank reads the checkpoint: it must sit on a filesystem all nodes mount
-            raise SegdaError(f"the checkpoints under {self.out} are not visible on every node (rank "
-                             f"{acc.process_index} on {os.uname().nodename} {'sees' if path else 'does not see'} "
-                             "one): put --out on a filesystem every node mounts")
+        step = state["step"] if state else -1
+        highest, lowest = self.control.agree(step, -step)
+        if highest != -lowest:  # every rank reads the checkpoint: it must sit on a filesystem all nodes mount
+            seen = f"sees step {step}" if path else "sees no checkpoint"
+            raise SegdaError(f"the checkpoints under {self.out} are not visible on every node alike (rank "
+                             f"{acc.process_index} on {os.uname().nodename} {seen}; others see step "
+                             f"{highest if highest != step else -lowest}): put --out on a filesystem every node "
+                             "mounts")
         if path is None:
             return
         if self.deepspeed:
@@ -180,7 +193,8 @@ class _Loop:
         self.images, self.train_seconds = state.get("images", 0), state.get("train_seconds", 0.0)
         # Checkpoints of segda < 0.2 record no data position: the step gives it (same world size only).
         frames = self.cfg.data.batch_size // self.cfg.data.crops_per_frame
-        self.position = state.get("data") or _position_from_step(state, frames, self.train_ds, self.cfg)
+        saved_position = {k: v for k, v in (state.get("data") or {}).items() if k != "order"}
+        self.position = saved_position or _position_from_step(state, frames, self.train_ds, self.cfg)
         info(f"resumed from {path} at step {self.step} (epoch {self.position['epoch']}, "
              f"{self.position['consumed']} of its samples done)")
 
@@ -220,7 +234,6 @@ class _Loop:
                                    seed=cfg.train.seed, position=self.position, pin_memory=acc.device.type == "cuda")
         self._train_mode()
         epoch, skipped = self.position["epoch"], 0
-        signals = StopSignals()  # SIGTERM / SIGUSR1: finish this step, checkpoint, exit 75
         tick = time.perf_counter()
         try:
             for batch in batches if self.step < cfg.train.max_steps else ():
@@ -235,13 +248,12 @@ class _Loop:
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
                                     img_s=f"{self.images / max(self.train_seconds, 1e-9):.1f}")
-                    self._after_step(signals)
+                    self._after_step(self.signals)
                     tick = time.perf_counter()
                     if self.step >= cfg.train.max_steps:
                         break
         finally:
             batches.close()  # stops the loader's workers
-            signals.restore()
             bar.close()
         self._report_skipped(epoch, skipped)
         return self._finish(time.perf_counter() - started)
@@ -338,7 +350,8 @@ class _Loop:
         acc = self.acc
         state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
-                 "stage": self.stage, "config": self.cfg.to_dict(), "data": self.position,
+                 "stage": self.stage, "config": self.cfg.to_dict(),
+                 "data": {**self.position, "order": "by_sample" if elastic(self.train_ds, self.cfg.data) else "by_shard"},
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
         final = checkpoint.checkpoint_dir(self.out, self.step)
         self.clock.reset()

@@ -214,6 +214,13 @@ def test_the_slurm_script_checkpoints_on_its_signal_and_requeues(tmp_path, gta5_
     assert run["status"] == "preempted" and run["world_size"] == 2
     assert len(list((out / "checkpoints" / f"step-{run['step']:06d}").glob("rng-*.safetensors"))) == 2
     assert requeued.read_text().split() == ["requeue", "4242"]
+    # The requeued job fails before training (a bad setting): the old "preempted" must not requeue it again.
+    time.sleep(1.1)  # run.json's mtime has a one-second resolution in the script's check
+    requeued.unlink()
+    again = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "multinode.sbatch"), *cmd[:-2],
+                            "data.batch_size=0", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode != 0 and not requeued.exists(), again.stderr[-2000:]
 
 
 def _free_port() -> int:
@@ -237,7 +244,8 @@ def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(t
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
                   "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
-        procs.append(subprocess.Popen(launch + ["-m", "segda", *cmd, "--out", str(out), "--resume", "auto"],
+        resume = ["train.on_world_change=keep_per_rank_batch", "--out", str(out), "--resume", "auto"]
+        procs.append(subprocess.Popen(launch + ["-m", "segda", *cmd, *resume],
                                       env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode != 0 for p in procs)

@@ -83,7 +83,7 @@ class SampleReader(_BadDataPolicy):
     def read(self, items: Sequence[tuple[int, int]] | list[tuple[int, list[int], Future]]) -> Iterator[dict | None]:
         """One raw sample per item, in order (items: (shard, position) pairs, or what `fetch` returned); None for a
         sample that is bad (counted and reported)."""
-        fetched = items if items and len(items[0]) == 3 else self.fetch(items)
+        fetched = items if items and isinstance(items[0][-1], Future) else self.fetch(items)
         for shard, positions, future in fetched:
             yield from self._parse_run(shard, positions, future)
 

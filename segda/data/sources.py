@@ -146,7 +146,7 @@ def _remote(url: str, scheme: str, retries: int, timeout: float, backoff: float,
         # A bounded read (one sample) is a presigned GET over a kept-alive connection: signing costs ~0.2 ms where
         # botocore's get_object costs ~1.5 ms of CPU, which matters at one request per sample.
         connector = _s3_connector(url, timeout)
-        if end is not None:
+        if end is not None and _split_s3(url)[0] not in _PRESIGN_REFUSED:
             connector = _http_connector(url, timeout, _s3_presigner(url, timeout), fallback=connector)
         return _Resumable(url, connector, retries, backoff, _botocore_transient(), start, end)
     hint = "" if "://" in url else " (write a local path containing ':' as ./path)"
@@ -291,10 +291,11 @@ def _http_connector(url: str, timeout: float, target: Callable[[], str] | None =
     def connect(offset: int, end: int | None):
         headers = {"Range": _range_header(offset, end)} if offset or end is not None else {}
         address = target() if target else url
-        resp = _pooled_get(address, headers, timeout) if keepalive.should_pool(address) else None
-        if fallback is not None and (resp is None or resp.status == 400):
+        resp = _pooled_get(address, headers, timeout, url) if keepalive.should_pool(address) else None
+        if fallback is not None and (resp is None or resp.status in (400, 403)):
             if resp is not None:
                 resp.close()
+            _PRESIGN_REFUSED.add(_split_s3(url)[0])  # this bucket wants botocore's requests: ask it from now on
             return fallback(offset, end)
         if resp is None:  # a proxy or a redirect: urllib knows both
             resp = _urllib_get(address, headers, timeout)
@@ -321,12 +322,13 @@ def _http_connector(url: str, timeout: float, target: Callable[[], str] | None =
     return connect
 
 
-def _pooled_get(url: str, headers: dict, timeout: float):
-    """A kept-alive GET (see segda.data.keepalive); None for a redirect, which urllib follows instead."""
+def _pooled_get(address: str, headers: dict, timeout: float, name: str):
+    """A kept-alive GET of `address` (see segda.data.keepalive); None for a redirect, which urllib follows instead.
+    Messages say `name`: a presigned address is a credential and is never printed."""
     try:
-        resp = keepalive.get(url, headers, timeout)
+        resp = keepalive.get(address, headers, timeout)
     except ssl.SSLCertVerificationError as e:  # retrying cannot fix a certificate
-        raise SegdaError(f"{url}: TLS certificate rejected ({e.verify_message}); check the host") from e
+        raise SegdaError(f"{name}: TLS certificate rejected ({e.verify_message}); check the host") from e
     if 300 <= resp.status < 400:
         resp.close()
         return None
@@ -359,9 +361,9 @@ def _s3_client(timeout: float):
             from botocore.config import Config
 
             # botocore >= 1.31 reads AWS_ENDPOINT_URL(_S3) itself, so no endpoint_url is passed here.
-            config = Config(
-                connect_timeout=timeout, read_timeout=timeout, retries={"mode": "standard", "max_attempts": 3}
-            )
+            # s3v4: presigned URLs must not use SigV2, which AWS refuses for buckets made since 2020.
+            config = Config(connect_timeout=timeout, read_timeout=timeout, signature_version="s3v4",
+                            retries={"mode": "standard", "max_attempts": 3})
             for stale in [k for k in _S3_CLIENTS if k[0] != key[0]]:  # inherited from the parent process
                 del _S3_CLIENTS[stale]
             _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
@@ -419,6 +421,8 @@ def _s3_connector(url: str, timeout: float) -> _Connector:
     return connect
 
 
+_PRESIGN_REFUSED: set[str] = set()
+"""Buckets that answered a presigned GET with 400/403 or a redirect (another region, a policy): read with botocore."""
 _S3_HINT = "check credentials, bucket permissions, that the key exists, and AWS_ENDPOINT_URL for a non-AWS store"
 
 

@@ -16,6 +16,7 @@ good one of the same batch, so every rank keeps its batch count.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections import deque
 from typing import Iterator
@@ -264,8 +265,9 @@ class EvalStream(IterableDataset):
         tasks = self.tasks[worker]
         if reads_by_sample(self.ds, self.cfg):
             reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads,
-                              timeout=self.cfg.timeout, retries=self.cfg.retries)
-            raw = reader.read([(shard, p) for shard, start, stop in tasks for p in range(start, stop)])
+                                  timeout=self.cfg.timeout, retries=self.cfg.retries)
+            raw = _read_ahead(reader, [(shard, p) for shard, start, stop in tasks for p in range(start, stop)],
+                              chunk=max(self.batch_size, 16))
         else:
             reader = ShardReader(self.ds, strict=self.cfg.strict, verify=self.cfg.verify,
                                  allow_pipe=self.cfg.allow_pipe, timeout=self.cfg.timeout,
@@ -288,6 +290,19 @@ class EvalStream(IterableDataset):
                 batch = []
         if batch or reader.skipped:
             yield _eval_batch(batch, reader)
+
+
+def _read_ahead(reader: SampleReader, items: list[tuple[int, int]], chunk: int) -> Iterator[dict | None]:
+    """The samples at `items`, fetched one chunk ahead of the one being decoded: enough to hide each request's
+    round trip, never a whole share of frames held in memory at once."""
+    try:
+        pending = reader.fetch(items[:chunk])
+        for lo in range(chunk, len(items) + chunk, chunk):
+            ahead = reader.fetch(items[lo:lo + chunk]) if lo < len(items) else []
+            yield from reader.read(pending)
+            pending = ahead
+    finally:
+        reader.close()
 
 
 def _truncate(counts: list[int], limit: int) -> list[int]:
@@ -316,16 +331,15 @@ def _loader(stream: IterableDataset, workers: int, pin_memory: bool) -> DataLoad
     # model's dropout randomness whenever a run resumes mid-epoch (an extra loader start), breaking exact resume.
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=_ignore_stop_signals if workers else None)
+                      worker_init_fn=_own_process_group if workers else None)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _own_process_group(worker_id: int) -> None:
     """A launcher stopping a job signals the whole process group (torchrun does): the loader's workers must not
-    die of it while their rank finishes its step and checkpoints. They stop with their rank (torch watches it)."""
-    import signal
-
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, signal.SIG_IGN)
+    die of that while their rank finishes its step and checkpoints, so they leave the group. SIGTERM sent to a
+    worker itself still ends it (the DataLoader's shutdown relies on that), and torch's watchdog ends a worker
+    whose rank died."""
+    os.setpgid(0, 0)
 
 
 def batches_per_epoch(ds: Dataset, cfg: DataConfig, world: int) -> int:
