@@ -304,3 +304,34 @@ def test_an_error_inside_a_loader_worker_prints_its_message_not_a_traceback(tmp_
                 "--eval-size", "160x80")
     assert err.strip().splitlines()[-1].startswith("segda: error:") and "missing.tar" in err.strip().splitlines()[-1]
     assert "Original Traceback" not in err
+
+
+def test_a_truncated_adapter_is_named(tiny_model, tmp_path, cityscapes_manifest):
+    from segda.adapters import attach_lora, save_adapter
+    from segda.config import LoraConfig
+    from segda.model import build_model, fingerprint
+
+    base = build_model(str(tiny_model))
+    base_fp = fingerprint(base)
+    adapter = tmp_path / "adapter"
+    save_adapter(attach_lora(base, LoraConfig()), adapter, base=str(tiny_model), base_fingerprint=base_fp, config={})
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    err = fails("evaluate", "--model", adapter, "--data", cityscapes_manifest, "--out", tmp_path / "r",
+                "--eval-size", "160x80")
+    assert "adapter_model.safetensors" in err and "corrupt or truncated" in err
+
+
+def test_a_disk_filling_up_while_writing_shards_is_named_and_leaves_no_partial_shard(raw_gta5, tmp_path):
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "segda", "shards", "gta5", str(raw_gta5), str(out)], env=cpu_env(),
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot write" in proc.stderr and "free some space" in proc.stderr
+    assert not list(out.glob("*.tar")) and not (out / "train-manifest.json").exists()
