@@ -124,8 +124,12 @@ def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, g
     out, step, _ = preempted
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    proc = segda(*args(gta5_manifest, "optim.lr=0.002", "optim.warmup_steps=5"), "--out", run, "--resume", "auto")
+    changed = ("optim.lr=0.002", "optim.warmup_steps=5", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]",
+               "train.checkpoint_every=39")
+    proc = segda(*args(gta5_manifest, *changed), "--out", run, "--resume", "auto")
     assert "optim.lr was 0.0006 in" in proc.stderr and f"takes effect from step {step + 1}" in proc.stderr
+    groups = json.loads((run / "checkpoints" / "step-000039" / "optimizer.json").read_text())["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05} and all(g["betas"] == [0.8, 0.99] for g in groups)
     lines = {json.loads(line)["step"]: json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()}
     # the first resumed step ran at the new peak lr on the new warmup, from the restored step count
     assert lines[step + 1]["lr"] == pytest.approx(0.002 * lr_factor(step + 1, 5, 40, 1.0), rel=1e-6)

@@ -296,3 +296,14 @@ def test_a_malformed_manifest_is_refused_naming_the_field(city_shards, tmp_path,
     manifest.write_text(json.dumps(data))
     with pytest.raises(SegdaError, match=named):
         resolve_dataset(str(manifest))
+
+
+def test_a_shard_replaced_after_its_manifest_was_written_is_refused(city_shards, http_server):
+    from segda.log import SegdaError
+
+    base = publish(city_shards, http_server)
+    shard = http_server.root / "val-000001.tar"
+    shard.write_bytes(shard.read_bytes() + b"\0" * 10240)  # re-uploaded, longer: offsets may point anywhere
+    ds = resolve_dataset(f"{base}/val-manifest.json")
+    with pytest.raises(SegdaError, match=r"val-000001\.tar is \d+ bytes, its manifest says \d+"):
+        simulate_eval(ds, cfg(workers=1), 1, 1)
