@@ -55,10 +55,12 @@ def _add_synth(sub) -> None:
 def _run_synth(args) -> int:
     from segda.shards.synth import synth_cityscapes, synth_gta5
 
-    target = Path(args.out) / ("images" if args.dataset == "gta5" else f"leftImg8bit/{args.split}")
-    if target.is_dir() and any(target.iterdir()):  # a mistyped path must not replace a real dataset's frames
-        raise SegdaError(f"{target} already holds frames: synth writes only into a new or empty folder; choose "
-                         "another output folder or delete this one first")
+    folders = (["images", "labels"] if args.dataset == "gta5" else
+               [f"leftImg8bit/{args.split}", f"gtFine/{args.split}"])
+    for target in (Path(args.out) / f for f in folders):
+        if target.is_dir() and any(target.iterdir()):  # a mistyped path must not replace a real dataset's frames
+            raise SegdaError(f"{target} already holds frames: synth writes only into a new or empty folder; "
+                             "choose another output folder or delete this one first")
 
     kwargs = {"size": args.size} if args.size else {}
     if args.dataset == "gta5":
@@ -172,6 +174,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--examples", type=int, default=4, help="example predictions per pair in the report")
     p.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest")
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a remote read may wait (data.timeout)")
+    p.add_argument("--retries", type=_int_in(1), default=5, help="attempts per remote read (data.retries)")
     _add_inference_flags(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -182,8 +186,10 @@ def _run_evaluate(args) -> int:
 
     if args.limit < 0 or args.workers < 0 or args.examples < 0:
         raise SegdaError("--limit, --workers and --examples must be >= 0")
+    if args.timeout <= 0:
+        raise SegdaError("--timeout must be a positive number of seconds")
     data_cfg = DataConfig(workers=args.workers, verify=args.verify, allow_pipe=args.allow_pipe,
-                          eval_size=list(args.eval_size))
+                          eval_size=list(args.eval_size), timeout=args.timeout, retries=args.retries)
     evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,
                     _inference_options(args), base=args.base, allow_base_mismatch=args.allow_base_mismatch,
                     limit=args.limit, num_examples=args.examples)
@@ -329,13 +335,17 @@ def main(argv: list[str] | None = None) -> int:
     except SegdaError as err:
         print(f"segda: error: {_user_message(err)}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise
+    except OSError as err:  # the one place a file-system failure becomes a line naming the file
         where = err.filename or getattr(args, "out", None) or "the output"
-        print(f"segda: error: cannot write {where}: {err.strerror}; free some space or choose another --out "
-              "(what was complete before is kept; nothing half-written was left under a final name)",
-              file=sys.stderr)
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            print(f"segda: error: cannot write {where}: {err.strerror}; free some space or choose another --out "
+                  "(what was complete before is kept; nothing half-written was left under a final name)",
+                  file=sys.stderr)
+        elif err.filename is not None:
+            print(f"segda: error: {where}: {err.strerror}; check the path (a folder where a file is expected, "
+                  "or the reverse, a dangling link, missing permissions)", file=sys.stderr)
+        else:
+            raise
         return 2
     except KeyboardInterrupt:
         print("segda: interrupted", file=sys.stderr)

@@ -48,6 +48,8 @@ def output_names(images: list[str]) -> dict[Path, str]:
         seen.add(path.resolve())
     names = {}
     for path in paths:
+        if not path.is_file():  # a FIFO would block the read forever, a folder is no image
+            raise SegdaError(f"{path} is not a regular image file")
         depth, parts = 0, path.resolve().parts[:-1]
         while True:
             name = "__".join([*parts[len(parts) - depth:], path.stem]) if depth else path.stem
@@ -72,7 +74,13 @@ def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts:
     model = load_any(model_path, base, allow_base_mismatch).to(device).eval()
     out_dir = Path(out_dir)
     written = []
-    for path, stem in output_names(images).items():
+    names = output_names(images)
+    inputs = {p.resolve() for p in names}
+    for stem in names.values():
+        for target in (out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"):
+            if target.resolve() in inputs:  # the mask must never replace the photo it was predicted from
+                raise SegdaError(f"writing {target} would replace an input image: choose another --out")
+    for path, stem in names.items():
         rgb = _read_rgb(path)
         shown = resize_image(rgb, opts.eval_size) if opts.mode == "whole" else rgb
         logits = predict_logits(model, [torch.from_numpy(shown)], [rgb.shape[:2]], opts, device)[0]

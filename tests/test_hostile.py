@@ -335,3 +335,31 @@ def test_a_disk_filling_up_while_writing_shards_is_named_and_leaves_no_partial_s
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "cannot write" in proc.stderr and "free some space" in proc.stderr
     assert not list(out.glob("*.tar")) and not (out / "train-manifest.json").exists()
+
+
+def test_predict_never_replaces_an_input_and_never_waits_on_a_fifo(tiny_model, tmp_path):
+    import cv2
+    import numpy as np
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "frame.png"), np.full((32, 48, 3), 90, np.uint8))
+    before = (photos / "frame.png").read_bytes()
+    err = fails("predict", tiny_model, photos / "frame.png", "--out", photos, "--eval-size", "48x32")
+    assert "would replace an input image" in err and (photos / "frame.png").read_bytes() == before
+    os.mkfifo(photos / "fifo.png")
+    err = fails("predict", tiny_model, photos / "fifo.png", "--out", tmp_path / "o", timeout=60)
+    assert "fifo.png is not a regular image file" in err
+
+
+def test_file_system_errors_name_the_path_and_index_validates_the_manifest(raw_gta5, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    err = fails("shards", "gta5", raw_gta5, precious / "sub")
+    assert "precious.txt" in err and precious.read_text() == "keep me"
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"shards": [1]}))
+    err = fails("index", manifest)
+    assert "shards[0] is int" in err
+    manifest.write_text(json.dumps({"shards": [{"url": "a.tar", "num_samples": "6"}]}))
+    assert "shards[0].num_samples is '6'" in fails("index", manifest)

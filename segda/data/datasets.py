@@ -91,6 +91,14 @@ class _BadField(ValueError):
     """A manifest field that is missing or malformed; the message names it."""
 
 
+def manifest_shard(spec: str, n: int, entry) -> Shard:
+    """`shards[n]` of the manifest `spec`, validated; SegdaError naming the field otherwise."""
+    try:
+        return _shard_entry(spec, n, entry)
+    except _BadField as err:
+        raise SegdaError(f"{spec}: {err}; re-create the shards with `segda shards` (or fix the manifest)") from None
+
+
 def _shard_entry(spec: str, n: int, entry) -> Shard:
     """One validated `shards[n]` entry of a manifest: every field checked, and named when wrong."""
     where = f"shards[{n}]"

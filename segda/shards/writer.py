@@ -287,8 +287,12 @@ def index_manifest(path: str | Path) -> dict:
         entries = manifest["shards"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SegdaError(f"cannot read the manifest {path} ({err}); give a *-manifest.json written by `segda shards`")
-    for entry in entries:
-        tar = path.parent / entry["url"]
+    from segda.data.datasets import manifest_shard
+
+    for n, entry in enumerate(entries if isinstance(entries, list) else [entries]):
+        shard = manifest_shard(str(path), n, {k: v for k, v in entry.items() if k != "samples"}
+                               if isinstance(entry, dict) else entry)
+        tar = Path(shard.url)
         if not tar.is_file():
             raise SegdaError(f"{tar} (listed in {path}) is not a local file: index the manifest where its shards "
                              "are on disk, then upload it")
