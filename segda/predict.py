@@ -46,26 +46,25 @@ def output_names(images: list[str]) -> dict[Path, str]:
         if path.resolve() in seen:
             raise SegdaError(f"{path} is given twice: name each image once")
         seen.add(path.resolve())
-    names = {}
     for path in paths:
         if not path.is_file():  # a FIFO would block the read forever, a folder is no image
             raise SegdaError(f"{path} is not a regular image file")
-        depth, parts = 0, path.resolve().parts[:-1]
-        while True:
-            name = "__".join([*parts[len(parts) - depth:], path.stem]) if depth else path.stem
-            clashes = [p for p in paths if p != path and _name_at(p, depth) == name]
-            if not clashes or depth >= len(parts):
-                break
+    names = {}
+    for path in paths:
+        depth = 0
+        while depth < len(path.resolve().parts) - 1 and any(
+                _name_at(other, depth) == _name_at(path, depth) for other in paths if other != path):
             depth += 1
-        names[path] = name
+        names[path] = _name_at(path, depth)
     if len(set(names.values())) != len(names):
         raise SegdaError("two images would get the same output name; rename one of them")
     return names
 
 
 def _name_at(path: Path, depth: int) -> str:
-    parts = path.resolve().parts[:-1]
-    return "__".join([*parts[len(parts) - depth:], path.stem]) if depth else path.stem
+    """The stem, prefixed with its `depth` nearest parent folders."""
+    parents = path.resolve().parts[:-1]
+    return "__".join([*parents[len(parents) - depth:], path.stem]) if depth else path.stem
 
 
 def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts: InferenceOptions, *,

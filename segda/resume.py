@@ -106,6 +106,31 @@ def check_data_order(saved: dict, path, *, elastic: bool, cfg: Config) -> None:
                          "in between): resume with the same data.verify and the same manifest")
 
 
+def position_from_step(state: dict, frames: int, train_ds, cfg) -> dict:
+    """The data position of a checkpoint written before positions were recorded (same world size)."""
+    from segda.data.stream import batches_per_epoch
+
+    world = state["world_size"]
+    epoch, step = divmod(state["step"] * cfg.train.grad_accum, batches_per_epoch(train_ds, cfg.data, world))
+    return {"epoch": epoch, "consumed": step * frames * world, "end": None}
+
+
+def apply_optim_config(optimizer, scheduler, model, cfg) -> None:
+    """optim.* of this run's config, over what the checkpoint restored: learning rates, weight decay and betas of
+    each group, and the schedule (its lambda reads cfg) from the restored step on."""
+    from segda.train import lr_factor, param_groups
+
+    fresh = param_groups(model, cfg.optim)
+    for group, new in zip(optimizer.param_groups, fresh):
+        group["initial_lr"], group["weight_decay"], group["betas"] = new["lr"], new["weight_decay"], tuple(
+            cfg.optim.betas)
+    scheduler.base_lrs = [g["lr"] for g in fresh]
+    factor = lr_factor(scheduler.last_epoch, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.poly_power)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 def _get(config: dict, key: str):
     section, name = key.split(".")
     return config.get(section, {}).get(name)

@@ -186,7 +186,7 @@ class _Loop:
             else:  # a rank that did not exist when the checkpoint was written: a fresh dropout stream
                 torch.manual_seed(self.cfg.train.seed * 1000 + acc.process_index + 7919 * state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _apply_optim_config(self.optimizer, self.scheduler, acc.unwrap_model(self.model), self.cfg)
+        resume_policy.apply_optim_config(self.optimizer, self.scheduler, acc.unwrap_model(self.model), self.cfg)
         if acc.scaler is not None and state.get("scaler"):
             acc.scaler.load_state_dict(state["scaler"])  # fp16: the same loss scale, so the same skipped steps
         self.step, self.best = state["step"], state.get("best", {})
@@ -194,7 +194,7 @@ class _Loop:
         # Checkpoints of segda < 0.2 record no data position: the step gives it (same world size only).
         frames = self.cfg.data.batch_size // self.cfg.data.crops_per_frame
         saved_position = {k: v for k, v in (state.get("data") or {}).items() if k != "order"}
-        self.position = saved_position or _position_from_step(state, frames, self.train_ds, self.cfg)
+        self.position = saved_position or resume_policy.position_from_step(state, frames, self.train_ds, self.cfg)
         info(f"resumed from {path} at step {self.step} (epoch {self.position['epoch']}, "
              f"{self.position['consumed']} of its samples done)")
 
@@ -432,29 +432,6 @@ def _truncate_after(path: Path, step: int) -> None:
     if path.is_file():
         kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
         atomic.write_text(path, "".join(line + "\n" for line in kept))
-
-
-def _position_from_step(state: dict, frames: int, train_ds, cfg) -> dict:
-    """The data position of a checkpoint written before positions were recorded (same world size)."""
-    from segda.data.stream import batches_per_epoch
-
-    world = state["world_size"]
-    epoch, step = divmod(state["step"] * cfg.train.grad_accum, batches_per_epoch(train_ds, cfg.data, world))
-    return {"epoch": epoch, "consumed": step * frames * world, "end": None}
-
-
-def _apply_optim_config(optimizer, scheduler, model, cfg) -> None:
-    """optim.* of this run's config, over what the checkpoint restored: learning rates, weight decay and betas of
-    each group, and the schedule (its lambda reads cfg) from the restored step on."""
-    fresh = param_groups(model, cfg.optim)
-    for group, new in zip(optimizer.param_groups, fresh):
-        group["initial_lr"], group["weight_decay"], group["betas"] = new["lr"], new["weight_decay"], tuple(
-            cfg.optim.betas)
-    scheduler.base_lrs = [g["lr"] for g in fresh]
-    factor = lr_factor(scheduler.last_epoch, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.poly_power)
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * factor
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _step_of(line: str) -> float:
