@@ -114,6 +114,12 @@ class TrainConfig:
     """Evaluate on at most this many validation samples per evaluation (0: all)."""
     log_every: int = 50
     """Write a metrics line every N steps."""
+    compile: bool = False
+    """torch.compile the training forward and backward (first steps compile; measure with `segda bench train`)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (fast kernels); aot_eager or eager only check that the model traces."""
+    channels_last: bool = False
+    """Feed the model channels-last tensors (can help convolutions on GPUs with tensor cores: measure first)."""
     seed: int = 0
     """Seed of model init (same on every rank), data order and augmentation (per sample key); dropout adds the rank."""
 

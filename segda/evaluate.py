@@ -51,6 +51,11 @@ class InferenceOptions:
                              f"batch size {self.batch_size})")
 
 
+def _pixels(images: torch.Tensor, model, device) -> torch.Tensor:
+    # In the weights' dtype: a model DeepSpeed cast to bf16 takes bf16 pixels (autocast covers the fp32 case).
+    return normalize(images, device, next(model.parameters()).dtype)
+
+
 def _forward(model, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
     logits = model(pixel_values=pixels).logits.float()
     if flip:
@@ -68,9 +73,9 @@ def predict_logits(model, images: list[torch.Tensor], out_sizes: list[tuple[int,
     for i in range(0, len(images), opts.batch_size):
         chunk = images[i:i + opts.batch_size]
         if len({tuple(im.shape) for im in chunk}) > 1:  # mixed sizes: one at a time
-            logits = [_forward(model, normalize(im[None], device), opts.flip)[0] for im in chunk]
+            logits = [_forward(model, _pixels(im[None], model, device), opts.flip)[0] for im in chunk]
         else:
-            logits = list(_forward(model, normalize(torch.stack(chunk), device), opts.flip))
+            logits = list(_forward(model, _pixels(torch.stack(chunk), model, device), opts.flip))
         for logit, size in zip(logits, out_sizes[i:i + opts.batch_size]):
             out.append(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0])
     return out
@@ -91,7 +96,7 @@ def _slide(model, image: torch.Tensor, size: tuple[int, int], opts: InferenceOpt
     for i in range(0, len(boxes), opts.batch_size):
         chunk = boxes[i:i + opts.batch_size]
         crops = torch.stack([image[y:y + ch, x:x + cw] for y, x in chunk])
-        logits = _forward(model, normalize(crops, device), opts.flip)
+        logits = _forward(model, _pixels(crops, model, device), opts.flip)
         logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
         for (y, x), logit in zip(chunk, logits):
             total[:, y:y + ch, x:x + cw] += logit
@@ -103,10 +108,16 @@ def _slide(model, image: torch.Tensor, size: tuple[int, int], opts: InferenceOpt
 
 
 def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.Tensor) -> None:
-    """Add one frame: rows = ground truth, columns = prediction, IGNORE pixels left out."""
-    valid = label != IGNORE
-    index = label[valid].long() * NUM_CLASSES + pred[valid].long()
-    confusion += torch.bincount(index, minlength=NUM_CLASSES ** 2).view(NUM_CLASSES, NUM_CLASSES)
+    """Add one frame: rows = ground truth, columns = prediction, IGNORE pixels left out.
+
+    Without a host-device sync: a boolean mask would need the device to say how many pixels survive, and
+    bincount asks it for the largest index. IGNORE pixels go to one extra bin instead, and a scatter-add counts.
+    """
+    cells = NUM_CLASSES * NUM_CLASSES
+    index = torch.where(label == IGNORE, cells, label.long() * NUM_CLASSES + pred.long()).reshape(-1)
+    counts = torch.zeros(cells + 1, dtype=torch.int64, device=confusion.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
+    confusion += counts[:cells].view(NUM_CLASSES, NUM_CLASSES)
 
 
 @torch.no_grad()

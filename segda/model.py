@@ -99,16 +99,52 @@ def count_parameters(model, trainable_only: bool = False) -> int:
 
 _MEAN = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
 _STD = torch.tensor(STD).view(1, 3, 1, 1) * 255
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def normalize(images: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on `device`, in channels-last memory.
+def normalize(images: torch.Tensor, device, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised (B, 3, H, W) in `dtype` on `device`.
 
-    The uint8 batch crosses to the device (4x fewer bytes than float) and is normalised there.
+    The uint8 batch crosses to the device (4x fewer bytes than float) and is normalised there, with mean and std
+    copied to each device once, not per batch.
     """
+    device = torch.device(device)
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = (_MEAN.to(device), _STD.to(device))
+    mean, std = _ON_DEVICE[device]
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    x = (x - _MEAN.to(device)) / _STD.to(device)
-    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+    x = ((x - mean) / std).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def batchnorm_in_fp32(model) -> int:
+    """Run every BatchNorm of `model` in fp32, whatever dtype its weights were cast to; returns how many.
+
+    DeepSpeed's bf16/fp16 casts parameters but not buffers, so the decode head's BatchNorm would meet bf16 weights
+    and fp32 running statistics (and fail). Normalisation statistics belong in fp32 anyway, as every
+    mixed-precision recipe keeps them: the input and the affine weights are upcast, the output cast back.
+    """
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.forward = _fp32_batchnorm.__get__(module)
+            patched += 1
+    return patched
+
+
+def _fp32_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
+    average = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:  # cumulative moving average (reads the count: a sync, as torch's own does)
+            average = 1.0 / float(self.num_batches_tracked)
+    use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    keep_stats = not self.training or self.track_running_stats
+    out = F.batch_norm(x.float(), self.running_mean if keep_stats else None,
+                       self.running_var if keep_stats else None,
+                       None if self.weight is None else self.weight.float(),
+                       None if self.bias is None else self.bias.float(), use_batch_stats, average, self.eps)
+    return out.to(x.dtype)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

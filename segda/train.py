@@ -25,10 +25,11 @@ from segda.config import Config
 from segda.data.datasets import resolve_dataset, with_counts
 from segda import resume as resume_policy
 from segda.data.stream import START, elastic, training_batches
+from segda.guard import NonFiniteGuard
 from segda.preempt import CheckpointClock, Control, Preempted, StopSignals
 from segda.evaluate import evaluate_model
 from segda.log import SegdaError, info, set_main_process, warn
-from segda.model import build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
+from segda.model import batchnorm_in_fp32, build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
 from segda.runinfo import run_info
 
 STAGES = ("pretrain", "adapt")
@@ -39,8 +40,20 @@ def make_accelerator(cfg: Config, out_dir: Path) -> Accelerator:
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if multi and not torch.cuda.is_available() else []
     trackers = "tensorboard" if _has_tensorboard() else None
-    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers,
-                       log_with=trackers, project_dir=str(out_dir))
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, kwargs_handlers=handlers,
+                              log_with=trackers, project_dir=str(out_dir))
+    _refuse_silent_deepspeed_loss(accelerator)
+    return accelerator
+
+
+def _refuse_silent_deepspeed_loss(accelerator: Accelerator) -> None:
+    """A DeepSpeed launch config under ACCELERATE_USE_CPU=1 runs as plain DDP without a word: say so and stop."""
+    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise SegdaError(f"the launch config asks for DeepSpeed, but this run would be {accelerator.distributed_type.value}"
+                         " (no ZeRO sharding) because ACCELERATE_USE_CPU=1 is set: unset ACCELERATE_USE_CPU "
+                         "(DeepSpeed finds its CPU accelerator by itself), or launch with a config that is not "
+                         "DeepSpeed (launch/accelerate/cpu_ddp.yaml)")
 
 
 def _has_tensorboard() -> bool:
@@ -116,13 +129,18 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
     rank = accelerator.process_index
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    # Fused: one kernel per step, and the only AdamW that can skip a step on the device (segda.guard). DeepSpeed
+    # on CPU steps its flat fp32 partitions itself: it keeps the plain implementation there.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim), betas=tuple(cfg.optim.betas),
-                                  fused=accelerator.device.type == "cuda")
+                                  fused=accelerator.device.type == "cuda" or not deepspeed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.poly_power))
     _deepspeed_batch(accelerator, cfg)
     # The scheduler is stepped by hand once per optimizer step: a prepared one would step once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if deepspeed and accelerator.mixed_precision in ("bf16", "fp16"):
+        batchnorm_in_fp32(model)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
     loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp, signals)
@@ -148,10 +166,18 @@ class _Loop:
         self.stage, self.cfg, self.out, self.acc = stage, cfg, out_dir, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
-        self.step, self.best, self.last = 0, {}, {}  # last: the latest optimizer step's loss and lr
+        self.step, self.best, self.last = 0, {}, {}  # last: the latest logged loss and lr
         self.images, self.train_seconds, self.nonfinite_skipped = 0, 0.0, 0
-        self.loss_sum = 0.0  # over the micro-batches of the current optimizer step
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        # The loss stays on the device until a log line needs it: no host-device sync per micro-batch.
+        self.window = _Window(accelerator.device)
+        self.data_wait_seconds = 0.0
+        # Under DeepSpeed bf16/fp16 the engine casts the model and Accelerate does not autocast: the pixels must
+        # arrive in the model's dtype. Elsewhere the weights stay fp32 and autocast does the casting.
+        self.input_dtype = next(model.parameters()).dtype
+        self.guard = None if self.deepspeed or accelerator.scaler is not None else \
+            NonFiniteGuard(optimizer, accelerator.device)
+        self.forward = _compiled(model, cfg.train) if cfg.train.compile else model
         self.position = dict(START)  # of the data order, after the last micro-batch trained on
         self.control = Control(accelerator.num_processes)
         self.clock = CheckpointClock(cfg.train.checkpoint_minutes)
@@ -191,6 +217,7 @@ class _Loop:
             acc.scaler.load_state_dict(state["scaler"])  # fp16: the same loss scale, so the same skipped steps
         self.step, self.best = state["step"], state.get("best", {})
         self.images, self.train_seconds = state.get("images", 0), state.get("train_seconds", 0.0)
+        self.data_wait_seconds = state.get("data_wait_seconds", 0.0)
         # Checkpoints of segda < 0.2 record no data position: the step gives it (same world size only).
         frames = self.cfg.data.batch_size // self.cfg.data.crops_per_frame
         saved_position = {k: v for k, v in (state.get("data") or {}).items() if k != "order"}
@@ -234,9 +261,13 @@ class _Loop:
                                    seed=cfg.train.seed, position=self.position, pin_memory=acc.device.type == "cuda")
         self._train_mode()
         epoch, skipped = self.position["epoch"], 0
+        stream = iter(batches)
         tick = time.perf_counter()
         try:
-            for batch in batches if self.step < cfg.train.max_steps else ():
+            while self.step < cfg.train.max_steps:
+                waited = time.perf_counter()
+                batch = next(stream)  # the time blocked here is the loader starving the trainer
+                self.window.data_wait += time.perf_counter() - waited
                 if batch["epoch"] != epoch:
                     self._report_skipped(epoch, skipped)
                     epoch, skipped = batch["epoch"], 0
@@ -244,14 +275,15 @@ class _Loop:
                 self._log_samples(batch)
                 if self._micro_step(batch):
                     self.position = batch["position"]
-                    self.train_seconds += time.perf_counter() - tick
+                    now = time.perf_counter()
+                    self.train_seconds += now - tick
+                    self.window.seconds += now - tick
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.last['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}",
-                                    img_s=f"{self.images / max(self.train_seconds, 1e-9):.1f}")
-                    self._after_step(self.signals)
+                    if self._after_step(self.signals):
+                        bar.set_postfix(loss=f"{self.last['loss']:.3f}", lr=f"{self.last['lr']:.2e}",
+                                        img_s=f"{self.last['img_per_s']:.1f}",
+                                        wait=f"{100 * self.last['data_wait_share']:.0f}%")
                     tick = time.perf_counter()
-                    if self.step >= cfg.train.max_steps:
-                        break
         finally:
             batches.close()  # stops the loader's workers
             bar.close()
@@ -275,44 +307,60 @@ class _Loop:
             adapters.freeze_untrained_norms(self.model)
 
     def _micro_step(self, batch) -> bool:
-        """Forward/backward one micro-batch; True when this completed an optimizer step."""
+        """Forward/backward one micro-batch; True when this completed an optimizer step. Nothing here waits for
+        the device (the DeepSpeed path excepted): the loss and the finiteness verdict stay on it."""
         acc, cfg = self.acc, self.cfg
         with acc.accumulate(self.model):
-            pixels = normalize(batch["image"], acc.device)
-            logits = self.model(pixel_values=pixels).logits
+            pixels = normalize(batch["image"], acc.device, self.input_dtype, channels_last=cfg.train.channels_last)
+            logits = self.forward(pixel_values=pixels).logits
             loss = segmentation_loss(logits, batch["label"].to(acc.device, non_blocking=True))
-            losses = acc.gather(loss.detach()[None])
-            if not bool(torch.isfinite(losses).all()):
-                self._nonfinite(losses)
+            if self.deepspeed:  # its engine owns the optimizer step: check on the host before backward
+                self._check_loss_now(loss)
             acc.backward(loss)
+            grad_norm = None
             if acc.sync_gradients and cfg.optim.clip_grad_norm and not self.deepspeed:
-                acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
+            if acc.sync_gradients and self.guard is not None:
+                self.guard.arm(self.model.parameters(), grad_norm)
             self.optimizer.step()
+            if self.guard is not None:
+                self.guard.disarm()
+            elif acc.sync_gradients and acc.scaler is not None and self.optimizer.step_was_skipped:
+                self.nonfinite_skipped += 1  # fp16: the scaler found an overflow, skipped and lowered its scale
             self.optimizer.zero_grad(set_to_none=True)
         self.images += len(batch["key"]) * acc.num_processes
-        self.loss_sum += float(losses.mean())
+        self.window.add(loss.detach())
         if not acc.sync_gradients:
             return False
         self.scheduler.step()
         self.step += 1
-        self.last = {"step": self.step, "loss": self.loss_sum / cfg.train.grad_accum,
-                     "lr": self.scheduler.get_last_lr()[0]}
-        self.loss_sum = 0.0
         return True
 
-    def _nonfinite(self, losses) -> None:
-        if self.acc.scaler is not None:  # fp16: the gradient scaler skips this step and lowers its scale
-            self.nonfinite_skipped += 1
-            warn(f"non-finite loss at step {self.step + 1} under fp16: the scaler skips the update")
-            return
-        raise SegdaError(f"non-finite loss {losses.tolist()} at step {self.step + 1}: stopping before it reaches "
-                         "the weights. Lower optim.lr, check the data, or resume from the last checkpoint "
+    def _check_loss_now(self, loss) -> None:
+        losses = self.acc.gather(loss.detach()[None])
+        if not bool(torch.isfinite(losses).all()):
+            self._stop_nonfinite(f"non-finite loss {losses.tolist()} at step {self.step + 1}")
+
+    def _check_skipped_steps(self) -> None:
+        """Syncs: call where the loop syncs anyway (log lines, checkpoints, the end)."""
+        if self.guard is not None and (new := self.guard.new_skips()):
+            self._stop_nonfinite(f"non-finite loss: {new} optimizer step(s) up to step {self.step} had NaN or "
+                                 "infinite gradients and were skipped on the device (the weights never saw them)")
+
+    def _stop_nonfinite(self, what: str) -> None:
+        raise SegdaError(f"{what}: stopping. Lower optim.lr, check the data, or resume from the last checkpoint "
                          f"({self.out / 'checkpoints'}) with --resume auto")
 
-    def _after_step(self, signals: StopSignals) -> None:
+    def _after_step(self, signals: StopSignals) -> bool:
+        """Log, evaluate, checkpoint or stop as this step asks; True when it wrote a log line."""
         cfg, acc = self.cfg.train, self.acc
-        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-            self._log({**self.last, "img_per_s": self.images / max(self.train_seconds, 1e-9)})
+        logged = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+        if logged:
+            self._check_skipped_steps()
+            self.last = {"step": self.step, **self.window.read(acc), "lr": self.scheduler.get_last_lr()[0],
+                         "img_per_s": self.images / max(self.train_seconds, 1e-9)}
+            self.data_wait_seconds += self.last["data_wait_s"]
+            self._log(self.last)
         if self.val_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
                 and self.step < cfg.max_steps:
             self._evaluate()
@@ -323,6 +371,7 @@ class _Loop:
             self._checkpoint()
         if stop and not done:
             self._preempted(stop)
+        return logged
 
     def _preempted(self, signum: int) -> None:
         """The checkpoint of this step is on disk: record the stop and leave with exit status 75 (see preempt)."""
@@ -348,8 +397,10 @@ class _Loop:
 
     def _checkpoint(self) -> None:
         acc = self.acc
+        self._check_skipped_steps()
         state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
+                 "data_wait_seconds": self.data_wait_seconds,
                  "stage": self.stage, "config": self.cfg.to_dict(),
                  "data": {**self.position, "order": "by_sample" if elastic(self.train_ds, self.cfg.data) else "by_shard"},
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
@@ -388,6 +439,8 @@ class _Loop:
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
         self.replicas_identical = self._replicas_identical(model)
+        if self.deepspeed:  # DeepSpeed bf16/fp16 cast the weights: the saved files hold fp32, like every other run
+            model.float()
         if acc.is_main_process:
             if self.stage == "pretrain":
                 save_model(model, self.out / "model")
@@ -422,9 +475,39 @@ class _Loop:
             "total_parameters": count_parameters(model), "train_samples_per_epoch": self.train_ds.num_samples,
             "throughput_img_per_s": self.images / max(self.train_seconds, 1e-9), "wall_seconds": wall,
             "train_seconds": self.train_seconds, "nonfinite_steps_skipped": self.nonfinite_skipped,
+            "data_wait_seconds": self.data_wait_seconds,
+            "data_wait_share": self.data_wait_seconds / max(self.train_seconds, 1e-9),
             "best": self.best, "final": final or {}, "images_seen": self.images,
             "replicas_identical": getattr(self, "replicas_identical", None), **run_info(),
         }
+
+
+class _Window:
+    """What one metrics line reports: the mean loss over its micro-batches (summed on the device) and the share of
+    its wall time spent waiting for data."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.count, self.data_wait, self.seconds = torch.zeros((), device=self.device), 0, 0.0, 0.0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss.float()
+        self.count += 1
+
+    def read(self, accelerator) -> dict:
+        """Call on every rank (it gathers): the loss averaged over ranks and micro-batches."""
+        mean = accelerator.gather((self.loss / max(self.count, 1)).reshape(1)).mean().item()
+        out = {"loss": mean, "data_wait_s": self.data_wait, "data_wait_share": self.data_wait / max(self.seconds, 1e-9)}
+        self.reset()
+        return out
+
+
+def _compiled(model, cfg):
+    """torch.compile of the training forward only: the module itself (saving, evaluating) stays the same object."""
+    return torch.compile(model, backend=cfg.compile_backend)
 
 
 def _truncate_after(path: Path, step: int) -> None:
