@@ -1,0 +1,154 @@
+"""Every Accelerate config under launch/accelerate/ runs as shipped: its own mixed precision and distributed type,
+overriding only what a CPU machine cannot have (GPU count, so the process count; a fixed port that may be taken).
+DeepSpeed runs without ACCELERATE_USE_CPU (which would silently turn it into plain DDP, and is refused)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers import REPO, TINY_MODEL, cpu_env, free_port_for_launch
+
+pytestmark = pytest.mark.slow
+CONFIGS = REPO / "launch" / "accelerate"
+DEMO = REPO / "configs" / "demo"
+TESTED = {"cpu_ddp.yaml", "multi_gpu.yaml", "single_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml"}
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def launch(name: str, *args, cpu: bool = True, background: bool = False, **overrides):
+    """`accelerate launch --config_file launch/accelerate/NAME [--key value ...] -m segda ARGS`."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / name)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    cmd += ["-m", "segda", *map(str, args)]
+    env = cpu_env() if cpu else {k: v for k, v in cpu_env().items() if k != "ACCELERATE_USE_CPU"}
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def data_args(manifest, *extra) -> list[str]:
+    return ["--set", f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[64,64]",
+            "data.base_size=[160,88]", "data.eval_size=[160,88]", "train.log_every=1", *extra]
+
+
+def run_record(out: Path, config: dict, world: int, distributed: str) -> dict:
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["world_size"] == world, run
+    assert run["mixed_precision"] == config["mixed_precision"], "the config's own mixed precision must be used"
+    assert run["distributed_type"].endswith(distributed), run["distributed_type"]
+    assert run["replicas_identical"] is True
+    return run
+
+
+def test_every_shipped_launch_config_is_tested_here():
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == TESTED, "a new launch config needs its test in this file"
+
+
+@pytest.fixture(scope="module")
+def ddp_base(tmp_path_factory, gta5_manifest):
+    """cpu_ddp.yaml exactly as shipped (2 processes, bf16): a pretrain run the adapt tests start from."""
+    out = tmp_path_factory.mktemp("cpu-ddp") / "run"
+    launch("cpu_ddp.yaml", "pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 2,
+           *data_args(gta5_manifest, TINY_MODEL, "train.grad_accum=2"))
+    return out
+
+
+def test_cpu_ddp_as_shipped(ddp_base):
+    config = shipped("cpu_ddp.yaml")
+    run = run_record(ddp_base, config, config["num_processes"], "MULTI_CPU")
+    assert run["images_seen"] == 2 * 2 * 2 * 2  # batch x processes x grad_accum x steps
+    assert (ddp_base / "model" / "model.safetensors").is_file()
+
+
+def test_multi_gpu_on_cpu_processes(ddp_base, cityscapes_manifest, tmp_path):
+    """multi_gpu.yaml with 2 CPU processes in place of 8 GPUs: LoRA adaptation under its bf16."""
+    out = tmp_path / "run"
+    launch("multi_gpu.yaml", "adapt", DEMO / "adapt.yaml", "--out", out, "--max-steps", 2,
+           *data_args(cityscapes_manifest, f"model.name_or_path={ddp_base / 'model'}"),
+           num_processes=2, main_process_port=0)
+    run_record(out, shipped("multi_gpu.yaml"), 2, "MULTI_CPU")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_single_gpu_as_shipped_on_the_cpu(tmp_path, gta5_manifest):
+    out = tmp_path / "run"
+    launch("single_gpu.yaml", "pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 2,
+           *data_args(gta5_manifest, TINY_MODEL))
+    run = run_record(out, shipped("single_gpu.yaml"), 1, "NO")
+    assert run["images_seen"] == 2 * 2
+
+
+def test_multi_node_as_two_machines_on_one_host(tmp_path, gta5_manifest):
+    """multi_node.yaml started once per machine with its --machine_rank, as launch/slurm/multinode.sbatch does."""
+    config = shipped("multi_node.yaml")
+    port, out = free_port_for_launch(), tmp_path / "run"
+    procs = [launch("multi_node.yaml", "pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 2,
+                    *data_args(gta5_manifest, TINY_MODEL), background=True, num_processes=config["num_machines"],
+                    machine_rank=rank, main_process_port=port) for rank in range(config["num_machines"])]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(err[-3000:] for _, err in outputs)
+    run = run_record(out, config, config["num_machines"], "MULTI_CPU")
+    assert run["images_seen"] == 2 * 2 * 2, "both machines' ranks must have trained"
+
+
+def test_deepspeed_zero2_as_shipped_trains_in_bf16_and_resumes(ddp_base, cityscapes_manifest, tmp_path):
+    """The shipped ZeRO-2 config with its bf16: 4 steps straight, and the same 4 steps resumed at step 2 from
+    its DeepSpeed checkpoint in a fresh folder. The resumed run trains steps 3 and 4 only, on the same samples,
+    and ends with the same adapter."""
+    pytest.importorskip("deepspeed", reason="install the deepspeed extra: DS_BUILD_OPS=0 pip install -e .[deepspeed]")
+    config = shipped("deepspeed_zero2.yaml")
+    assert config["mixed_precision"] == "bf16"
+    args = ["adapt", DEMO / "adapt.yaml", "--max-steps", 4,
+            *data_args(cityscapes_manifest, f"model.name_or_path={ddp_base / 'model'}", "train.checkpoint_every=2",
+                       "train.log_samples=true", f"data.val={cityscapes_manifest}")]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch("deepspeed_zero2.yaml", *args[:2], "--out", straight, *args[2:], cpu=False, num_processes=2,
+           main_process_port=0)
+    run = run_record(straight, config, 2, "DEEPSPEED")
+    assert run["final"]["val_miou"] > 0  # evaluation ran on the bf16 model too
+
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    proc = launch("deepspeed_zero2.yaml", *args[:2], "--out", resumed, *args[2:], "--resume", "auto", cpu=False,
+                  num_processes=2, main_process_port=0)
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    run_record(resumed, config, 2, "DEEPSPEED")
+
+    def steps(run_dir):
+        return {(rank, line["step"]): line["keys"] for rank in (0, 1) for line in map(
+            json.loads, (run_dir / "samples" / f"rank-{rank}.jsonl").read_text().splitlines())}
+
+    assert {s for _, s in steps(resumed)} == {3, 4}, "the resumed run must train steps 3 and 4 only"
+    assert steps(resumed) == {k: v for k, v in steps(straight).items() if k[1] > 2}
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys()
+    assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.float32}, "saved in fp32, not bf16"
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= 1e-6, f"the resumed adapter differs from the straight one by {worst}"
+
+
+def test_deepspeed_under_accelerate_use_cpu_is_refused(ddp_base, cityscapes_manifest, tmp_path):
+    pytest.importorskip("deepspeed")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero2.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "-m", "segda", "adapt", str(DEMO / "adapt.yaml"),
+           "--out", str(tmp_path / "r"), "--max-steps", "2",
+           *data_args(cityscapes_manifest, f"model.name_or_path={ddp_base / 'model'}")]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "asks for DeepSpeed" in proc.stderr and "unset ACCELERATE_USE_CPU" in proc.stderr
+    assert not (tmp_path / "r" / "adapter").exists()
