@@ -189,7 +189,7 @@ def bench_stream(world: int, workers: int, *, data_dir: str | None = None, train
 
     root = Path(data_dir or tempfile.mkdtemp(prefix="segda-bench-stream-"))
     manifests = make_cityscapes_like(root, train, val, shard_size, size)
-    cfg = DataConfig(batch_size=batch, workers=workers, crop_size=[16, 16], base_size=list(size),
+    cfg = DataConfig(batch_size=batch, workers=workers, crop_size="16x16", base_size="{}x{}".format(*size),
                      shuffle_buffer=64, photometric=False)
     info(f"stream: {world} ranks x {workers} workers simulated in one process; {train} train / {val} val frames "
          f"of {size[0]}x{size[1]} in shards of {shard_size}; batch {batch}")

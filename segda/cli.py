@@ -17,13 +17,14 @@ from segda.log import SegdaError
 
 
 def _size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT (or N for NxN) -> (width, height): the one size form of configs and flags alike."""
+    from segda.config import parse_size
+
     try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        if w < 1 or h < 1:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1280x720") from None
-    return w, h
+        return parse_size(text, "size").wh
+    except SegdaError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1280x720 (or N for "
+                                         "NxN)") from None
 
 
 def _int_in(low: int, high: int | None = None):
@@ -84,8 +85,9 @@ def _add_shards(sub) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--workers", type=_int_in(1), default=1, help="encoder processes (default 1)")
     p.add_argument("--resize", type=_size, default=None, help="store frames at WIDTHxHEIGHT (e.g. 1280x720)")
-    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="keep",
-                   help="keep the original bytes (default), or re-encode as png or bmp (lossless) or jpg or webp (lossy)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="pxz",
+                   help="pxz (default: lossless, ~PNG's size, ~6x faster to decode), keep (the original bytes), "
+                        "png or bmp (lossless), jpg or webp (lossy)")
     p.add_argument("--quality", type=_int_in(1, 100), default=90, help="jpg/webp quality, 1-100 (default 90)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
     p.set_defaults(run=_run_shards)
@@ -146,8 +148,8 @@ def _run_train(args) -> int:
 def _add_inference_flags(p) -> None:
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
     p.add_argument("--eval-size", type=_size, default=(1024, 512), help="whole mode: WIDTHxHEIGHT (default 1024x512)")
-    p.add_argument("--crop", type=int, default=512, help="slide mode: square window size (default 512)")
-    p.add_argument("--stride", type=int, default=341, help="slide mode: window stride (default 341)")
+    p.add_argument("--crop", type=_size, default=(512, 512), help="slide mode: window WIDTHxHEIGHT (default 512)")
+    p.add_argument("--stride", type=_size, default=(341, 341), help="slide mode: window step WIDTHxHEIGHT (default 341)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation")
     p.add_argument("--batch-size", type=int, default=4, help="frames (whole) or windows (slide) per forward")
     p.add_argument("--base", default=None, help="base model for adapters (default: the one the adapter records)")
@@ -158,8 +160,8 @@ def _add_inference_flags(p) -> None:
 def _inference_options(args):
     from segda.evaluate import InferenceOptions
 
-    return InferenceOptions(mode=args.mode, eval_size=args.eval_size, crop=(args.crop, args.crop),
-                            stride=(args.stride, args.stride), flip=args.flip, batch_size=args.batch_size)
+    return InferenceOptions(mode=args.mode, eval_size=args.eval_size, crop=args.crop,
+                            stride=args.stride, flip=args.flip, batch_size=args.batch_size)
 
 
 def _add_evaluate(sub) -> None:
@@ -189,7 +191,7 @@ def _run_evaluate(args) -> int:
     if args.timeout <= 0:
         raise SegdaError("--timeout must be a positive number of seconds")
     data_cfg = DataConfig(workers=args.workers, verify=args.verify, allow_pipe=args.allow_pipe,
-                          eval_size=list(args.eval_size), timeout=args.timeout, retries=args.retries)
+                          eval_size="{}x{}".format(*args.eval_size), timeout=args.timeout, retries=args.retries)
     evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,
                     _inference_options(args), base=args.base, allow_base_mismatch=args.allow_base_mismatch,
                     limit=args.limit, num_examples=args.examples)
@@ -253,18 +255,23 @@ def _add_bench(sub) -> None:
     loader.add_argument("--data", required=True, help="manifest of the shards")
     loader.add_argument("--raw", required=True, help="the raw dataset folder the shards were made from")
     loader.add_argument("--workers", type=_int_in(0), default=1)
-    loader.add_argument("--crop", type=int, default=512)
+    loader.add_argument("--crop", type=_size, default=(512, 512), help="WIDTHxHEIGHT (default 512)")
     loader.add_argument("--batch", type=int, default=4)
     loader.add_argument("--samples", type=int, default=64, help="samples per timed run")
     loader.add_argument("--base-size", type=_size, default=None, help="WIDTHxHEIGHT the rescale is relative to")
     loader.add_argument("--repeats", type=int, default=3)
     loader.add_argument("--crops-per-frame", type=int, default=1, help="crops cut from each decoded frame")
     train = kinds.add_parser("train", help="segda's training step vs a plain transformers fp32 loop")
-    train.add_argument("--crop", type=int, default=256)
+    train.add_argument("--crop", type=_size, default=(256, 256), help="WIDTHxHEIGHT (default 256)")
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--steps", type=int, default=3, help="timed steps per run")
     train.add_argument("--repeats", type=int, default=3)
     train.add_argument("--device", default=None)
+    train.add_argument("--compile", action="store_true", help="also time segda's step under torch.compile")
+    train.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    codec = kinds.add_parser("codec", help="PXZ, the default shard codec, vs PNG: bytes and decode time per image")
+    codec.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...): use frames of your own dataset")
+    codec.add_argument("--repeats", type=_int_in(1), default=7)
     shards = kinds.add_parser("shards", help="segda's creator vs tar of the raw files")
     shards.add_argument("dataset", choices=["gta5", "cityscapes"])
     shards.add_argument("raw")
@@ -291,8 +298,11 @@ def _run_bench(args) -> int:
     if args.kind == "loader":
         bench.bench_loader(args.data, args.raw, args.workers, args.crop, args.batch, args.samples, args.repeats,
                            args.base_size, args.crops_per_frame)
+    elif args.kind == "codec":
+        bench.bench_codec(args.images, args.repeats)
     elif args.kind == "train":
-        bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device)
+        bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device, compile=args.compile,
+                          channels_last=args.channels_last)
     elif args.kind == "stream":
         from segda.bench_stream import bench_stream
 

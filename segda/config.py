@@ -22,6 +22,54 @@ import yaml
 from segda.log import SegdaError
 
 
+class Size(str):
+    """A size written WIDTHxHEIGHT, as every size in segda is (configs, CLI, reports): "1024x512".
+
+    `.wh` and `.hw` give the numbers in the order an API wants them; nothing else should split the text.
+    """
+
+    @property
+    def wh(self) -> tuple[int, int]:
+        w, h = self.split("x")
+        return int(w), int(h)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.wh[::-1]
+
+
+# Before segda 0.3 sizes were lists, in two orders: crop_size [height, width] beside base_size and eval_size
+# [width, height]. A list is refused with the exact text to write, computed from the order it was written in.
+_OLD_LIST_ORDER = {"crop_size": "hw", "base_size": "wh", "eval_size": "wh"}
+
+
+def parse_size(value, what: str) -> Size:
+    """"WxH" (or a whole number N for NxN) -> Size; anything else raises a SegdaError saying how to write it."""
+    text = "" if isinstance(value, bool) or not isinstance(value, (str, int)) else str(value).strip().lower()
+    if text.isdigit():
+        text = f"{text}x{text}"
+    parts = text.replace(" ", "").split("x")
+    if len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
+        return Size(f"{int(parts[0])}x{int(parts[1])}")
+    name = what.rsplit(".", 1)[-1]
+    migrated = old_size_list(name, value)
+    if migrated is not None:
+        order = "width, height" if _OLD_LIST_ORDER[name] == "wh" else "height, width"
+        fix = f"{what}={migrated}" if what.startswith("--set ") else f"{name}: {migrated}"
+        raise SegdaError(f"{what}: sizes are written WIDTHxHEIGHT now, like every size in segda: write {fix} (the "
+                         f"list {value} was [{order}], the old convention of this key)")
+    raise SegdaError(f"{what}: {value!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x512 (or N for NxN)")
+
+
+def old_size_list(name: str, value) -> str | None:
+    """The WIDTHxHEIGHT text of a size list written before segda 0.3 (None if `value` is not one)."""
+    if name in _OLD_LIST_ORDER and isinstance(value, list) and len(value) == 2 and \
+            all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        w, h = value if _OLD_LIST_ORDER[name] == "wh" else value[::-1]
+        return f"{w}x{h}"
+    return None
+
+
 @dataclass
 class DataConfig:
     train: str = ""
@@ -32,10 +80,10 @@ class DataConfig:
     """Samples per batch on each process (data-parallel rank)."""
     workers: int = 4
     """Loader worker processes per rank; shards are split by rank, then by worker."""
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    """Training crop [height, width]; smaller frames are padded (label 255)."""
-    base_size: list[int] = field(default_factory=lambda: [1280, 720])
-    """[width, height] the random rescale is relative to (mmseg: 1280x720 for GTA5, 2048x1024 for Cityscapes)."""
+    crop_size: Size = Size("512x512")
+    """Training crop, WIDTHxHEIGHT; smaller frames are padded (label 255)."""
+    base_size: Size = Size("1280x720")
+    """WIDTHxHEIGHT the random rescale is relative to (mmseg: 1280x720 for GTA5, 2048x1024 for Cityscapes)."""
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     """Random rescale factor range applied to `base_size` (keeping the frame's aspect ratio)."""
     cat_max_ratio: float = 0.75
@@ -55,14 +103,18 @@ class DataConfig:
     """Attempts per remote read before giving up (exponential backoff, each retry announced on stderr)."""
     io_threads: int = 4
     """Sample reads in flight per loader worker (indexed datasets): hides the round trip of each Range request."""
-    eval_size: list[int] = field(default_factory=lambda: [1024, 512])
-    """[width, height] frames are resized to for whole-image evaluation; logits go back to label size."""
+    eval_size: Size = Size("1024x512")
+    """WIDTHxHEIGHT frames are resized to for whole-image evaluation; logits go back to label size."""
     verify: bool = False
     """Check each shard's sha256 against the manifest before using it."""
     strict: bool = False
     """Raise on a corrupt shard or sample instead of skipping it with a warning."""
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands. Only for URLs you trust."""
+
+    def __post_init__(self):  # built in code (benchmarks, the CLI) as well as from YAML: one form of size
+        for name in ("crop_size", "base_size", "eval_size"):
+            setattr(self, name, parse_size(getattr(self, name), f"data.{name}"))
 
 
 @dataclass
@@ -198,6 +250,8 @@ def _suggest(key: str, names: list[str], prefix: str) -> str:
 
 
 def _coerce(value, hint, dotted: str, source: str):
+    if hint is Size:
+        return parse_size(value, f"{source}: {dotted}" if source != "--set" else f"--set {dotted}")
     origin = typing.get_origin(hint) or hint
     if origin is float and isinstance(value, str):
         value = _float_or_same(value)  # YAML 1.1 reads 6e-5 (no dot) as a string
@@ -278,12 +332,12 @@ def validate(cfg: Config) -> None:
     d, t, o, lo = cfg.data, cfg.train, cfg.optim, cfg.lora
     _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
     _check(d.workers >= 0, "data.workers", "must be 0 (load in the main process) or more")
-    _check(len(d.crop_size) == 2 and min(d.crop_size) >= 8, "data.crop_size", "must be [height, width], each >= 8")
-    _check(len(d.base_size) == 2 and min(d.base_size) >= 8, "data.base_size", "must be [width, height], each >= 8")
+    _check(min(d.crop_size.wh) >= 8, "data.crop_size", "must be at least 8x8")
+    _check(min(d.base_size.wh) >= 8, "data.base_size", "must be at least 8x8")
     _check(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range",
            "must be [low, high] with 0 < low <= high")
     _check(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
-    _check(len(d.eval_size) == 2 and min(d.eval_size) >= 8, "data.eval_size", "must be [width, height]")
+    _check(min(d.eval_size.wh) >= 8, "data.eval_size", "must be at least 8x8")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
     _check(d.io_threads >= 1, "data.io_threads", "must be at least 1")
     _check(d.timeout > 0, "data.timeout", "must be a positive number of seconds")

@@ -112,7 +112,7 @@ def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = Fa
     if oracle:
         start = _stage("oracle: train on synthetic Cityscapes directly")
         _train("pretrain", "pretrain.yaml", out / "runs" / "target", size.pretrain_steps, processes,
-               [f"data.train={manifests['cityscapes-train']}", "data.base_size=[320,160]", *seed_set])
+               [f"data.train={manifests['cityscapes-train']}", "data.base_size={}x{}".format(*size.cityscapes_size), *seed_set])
         times["oracle_s"] = time.perf_counter() - start
         models.append(("target", str(out / "runs" / "target" / "model")))
 

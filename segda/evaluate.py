@@ -34,9 +34,9 @@ class InferenceOptions:
     eval_size: tuple[int, int] = (1024, 512)
     """(width, height) for whole-image inference."""
     crop: tuple[int, int] = (512, 512)
-    """(height, width) of sliding windows."""
+    """(width, height) of sliding windows."""
     stride: tuple[int, int] = (341, 341)
-    """(height, width) step of sliding windows (mmseg's 1024x1024/768 scaled to B0-sized crops)."""
+    """(width, height) step of sliding windows (mmseg's 1024x1024/768 scaled to B0-sized crops)."""
     flip: bool = False
     """Average logits with those of the horizontally flipped frame."""
     batch_size: int = 4
@@ -89,8 +89,8 @@ def _windows(length: int, crop: int, stride: int) -> list[int]:
 def _slide(model, image: torch.Tensor, size: tuple[int, int], opts: InferenceOptions, device) -> torch.Tensor:
     """Every window runs once, in batches; overlapping logits are averaged (mmseg's slide_inference)."""
     height, width = image.shape[:2]
-    ch, cw = min(opts.crop[0], height), min(opts.crop[1], width)
-    boxes = [(y, x) for y in _windows(height, ch, opts.stride[0]) for x in _windows(width, cw, opts.stride[1])]
+    cw, ch = min(opts.crop[0], width), min(opts.crop[1], height)
+    boxes = [(y, x) for y in _windows(height, ch, opts.stride[1]) for x in _windows(width, cw, opts.stride[0])]
     total = torch.zeros(NUM_CLASSES, height, width, device=device)
     count = torch.zeros(1, height, width, device=device)
     for i in range(0, len(boxes), opts.batch_size):
@@ -124,7 +124,7 @@ def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.T
 def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: InferenceOptions | None = None,
                    limit: int = 0, num_examples: int = 0) -> dict:
     """Confusion matrix and metrics of `model` on dataset `ds`, summed over all ranks (call on every rank)."""
-    opts = opts or InferenceOptions(eval_size=tuple(data_cfg.eval_size))
+    opts = opts or InferenceOptions(eval_size=data_cfg.eval_size.wh)
     device = accelerator.device
     was_training = model.training
     model.eval()

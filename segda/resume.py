@@ -19,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-from segda.config import Config
+from segda.config import Config, old_size_list
 from segda.log import SegdaError, info, warn
 
 RESUME_KEYS = ("data.train", "data.batch_size", "data.crops_per_frame", "data.crop_size", "data.base_size",
@@ -52,6 +52,7 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool
     keys = RESUME_KEYS + (() if elastic else SEQUENTIAL_KEYS)
     for key in keys:
         old, new = _get(before, key), _get(cfg.to_dict(), key)
+        old = old_size_list(key.rsplit(".", 1)[-1], old) or old  # a checkpoint of segda < 0.3: sizes were lists
         if old != new:
             raise SegdaError(f"{key} was {old!r} when {path} was written, now {new!r}: resume with the same value "
                              "(it decides which samples and crops come next)")

@@ -15,7 +15,7 @@ from segda.data.stream import eval_loader, train_loader
 
 manifest, out = sys.argv[1], Path(sys.argv[2])
 acc = Accelerator(cpu=True)
-cfg = DataConfig(batch_size=2, workers=2, crop_size=[32, 32], base_size=[160, 88])
+cfg = DataConfig(batch_size=2, workers=2, crop_size="32x32", base_size="160x88")
 ds = resolve_dataset(manifest)
 loader, n = train_loader(ds, cfg, rank=acc.process_index, world=acc.num_processes, seed=0, epoch=0)
 train = [batch["key"] for batch in loader]

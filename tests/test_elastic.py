@@ -24,8 +24,8 @@ DEMO = REPO / "configs" / "demo"
 
 def args(manifest, *extra, max_steps=40) -> list[str]:
     return ["pretrain", str(DEMO / "pretrain.yaml"), "--max-steps", str(max_steps), "--set",
-            f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[96,128]",
-            "data.base_size=[160,88]", "train.log_every=1", "train.log_samples=true", "train.checkpoint_every=0",
+            f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=128x96",
+            "data.base_size=160x88", "train.log_every=1", "train.log_samples=true", "train.checkpoint_every=0",
             TINY_MODEL, *extra]
 
 
@@ -152,7 +152,7 @@ def _epoch_keys(run: Path, epoch: int) -> list[str]:
 @pytest.mark.slow
 def test_kill_minus_nine_on_two_processes_resumes_on_one(tmp_path, gta5_manifest):
     out = tmp_path / "run"
-    cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=[64,64]", max_steps=200)
+    cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=64x64", max_steps=200)
     state = _kill_after_checkpoint(start(cmd + ["--out", str(out)], processes=2), out)
     assert state["world_size"] == 2
     epoch, consumed = state["data"]["epoch"], state["data"]["consumed"]
@@ -169,7 +169,7 @@ def test_kill_minus_nine_on_two_processes_resumes_on_one(tmp_path, gta5_manifest
 @pytest.mark.slow
 def test_kill_minus_nine_on_one_process_resumes_on_two_with_other_workers(tmp_path, gta5_manifest):
     out = tmp_path / "run"
-    cmd = args(gta5_manifest, "train.checkpoint_every=2", "train.grad_accum=2", "data.crop_size=[64,64]",
+    cmd = args(gta5_manifest, "train.checkpoint_every=2", "train.grad_accum=2", "data.crop_size=64x64",
                max_steps=200)
     state = _kill_after_checkpoint(start(cmd + ["--out", str(out)]), out)
     epoch, consumed = state["data"]["epoch"], state["data"]["consumed"]
@@ -207,7 +207,7 @@ def test_the_slurm_script_checkpoints_on_its_signal_and_requeues(tmp_path, gta5_
     env = {**cpu_env(), "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "2",
            "SLURM_JOB_ID": "4242", "MAIN_PORT": str(_free_port())}
-    cmd = args(gta5_manifest, "data.crop_size=[64,64]", max_steps=500)[0:] + ["--out", str(out)]
+    cmd = args(gta5_manifest, "data.crop_size=64x64", max_steps=500)[0:] + ["--out", str(out)]
     script = subprocess.Popen(["bash", str(REPO / "launch" / "slurm" / "multinode.sbatch"), *cmd], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(logged_steps(out)) >= 2 or script.poll() is not None, "two steps under the script")
@@ -239,7 +239,7 @@ def _free_port() -> int:
 def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(tmp_path, gta5_manifest):
     """Two "machines" on one host with different --out folders: machine 0 sees a checkpoint, machine 1 does not,
     as on nodes without a shared filesystem. Every rank must stop naming the cause, not hang or diverge."""
-    cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=[64,64]", max_steps=4)
+    cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=64x64", max_steps=4)
     seen = tmp_path / "seen"
     segda(*cmd, "--out", seen)
     port = _free_port()

@@ -57,7 +57,7 @@ def test_miou_matches_an_independent_computation_exactly():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, gta5_manifest, cityscapes_manifest):
     root = tmp_path_factory.mktemp("models")
-    common = ["--set", "data.batch_size=2", "data.workers=0", "data.crop_size=[64,64]", "data.base_size=[160,88]"]
+    common = ["--set", "data.batch_size=2", "data.workers=0", "data.crop_size=64x64", "data.base_size=160x88"]
     segda("pretrain", DEMO / "pretrain.yaml", "--out", root / "src", "--max-steps", 3, *common,
           f"data.train={gta5_manifest}", TINY_MODEL)
     segda("adapt", DEMO / "adapt.yaml", "--out", root / "lora", "--max-steps", 2, *common,
@@ -130,7 +130,7 @@ def test_sliding_window_equals_whole_image_when_the_window_covers_it(models):
     model = load_any(str(models[0])).eval()
     image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
     whole = predict_logits(model, [image], [(64, 96)], InferenceOptions(eval_size=(96, 64)), "cpu")[0]
-    slide = predict_logits(model, [image], [(64, 96)], InferenceOptions(mode="slide", crop=(64, 96),
+    slide = predict_logits(model, [image], [(64, 96)], InferenceOptions(mode="slide", crop=(96, 64),
                                                                         stride=(32, 32)), "cpu")[0]
     assert torch.allclose(whole, slide, atol=1e-5)
     # overlapping windows: every window runs once and the result stays close to whole-image inference

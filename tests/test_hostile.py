@@ -13,6 +13,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import TINY_MODEL, cpu_env, segda
@@ -95,8 +96,12 @@ def test_a_rerun_after_editing_a_raw_file_rebuilds_its_shard(raw_gta5, tmp_path)
     (raw_gta5 / "images" / "00001.png").write_bytes(edited)  # the user fixes a frame of the finished shard
     label.write_bytes(good_label)
     segda("shards", "gta5", raw_gta5, out, "--shard-size", 3)
+    from segda import codec
+    from segda.data.transforms import decode_image
+
     with tarfile.open(out / "train-000000.tar") as tar:
-        assert tar.extractfile("00001.png").read() == edited, "the shard was rebuilt from today's files"
+        stored = codec.decode(tar.extractfile("00001.pxz").read())
+    assert np.array_equal(stored, decode_image(edited)), "the shard was rebuilt from today's files"
 
 
 def test_an_all_bad_run_leaves_no_empty_shards_behind(raw_gta5, tmp_path):
@@ -235,7 +240,7 @@ def test_an_adapter_folder_missing_its_config_is_called_an_adapter(tmp_path, cit
 def test_a_damaged_checkpoint_is_named_and_a_failed_run_says_so(tmp_path, gta5_manifest):
     run = tmp_path / "run"
     args = ["pretrain", DEMO / "pretrain.yaml", "--out", run, "--max-steps", 4, "--set", f"data.train={gta5_manifest}",
-            "data.batch_size=2", "data.workers=0", "data.crop_size=[32,32]", "data.base_size=[160,88]",
+            "data.batch_size=2", "data.workers=0", "data.crop_size=32x32", "data.base_size=160x88",
             "train.checkpoint_every=2", TINY_MODEL]
     segda(*args)
     optimizer = run / "checkpoints" / "step-000002" / "optimizer.safetensors"
@@ -256,7 +261,7 @@ def test_a_full_disk_is_named_and_run_json_does_not_say_running(tmp_path, gta5_m
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "segda", "pretrain", str(DEMO / "pretrain.yaml"), "--out", str(run),
                            "--max-steps", "2", "--set", f"data.train={gta5_manifest}", "data.batch_size=2",
-                           "data.workers=0", "data.crop_size=[32,32]", "data.base_size=[160,88]",
+                           "data.workers=0", "data.crop_size=32x32", "data.base_size=160x88",
                            "train.checkpoint_every=0"], env=cpu_env(), capture_output=True, text=True,
                           preexec_fn=limit, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

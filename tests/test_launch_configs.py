@@ -42,8 +42,8 @@ def launch(name: str, *args, cpu: bool = True, background: bool = False, **overr
 
 
 def data_args(manifest, *extra) -> list[str]:
-    return ["--set", f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[64,64]",
-            "data.base_size=[160,88]", "data.eval_size=[160,88]", "train.log_every=1", *extra]
+    return ["--set", f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=64x64",
+            "data.base_size=160x88", "data.eval_size=160x88", "train.log_every=1", *extra]
 
 
 def run_record(out: Path, config: dict, world: int, distributed: str) -> dict:

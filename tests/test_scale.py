@@ -43,7 +43,7 @@ def city_shards(tmp_path_factory):
 
 
 def cfg(**kw) -> DataConfig:
-    return DataConfig(**{**dict(batch_size=3, workers=WORKERS, crop_size=[16, 16], base_size=[64, 32],
+    return DataConfig(**{**dict(batch_size=3, workers=WORKERS, crop_size="16x16", base_size="64x32",
                                 photometric=False), **kw})
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 import segda
 from segda import atomic, cli
+from segda import codec
 from segda.classes import IGNORE, LABELS, NUM_CLASSES
 from segda.log import SegdaError
 from segda.shards import writer
@@ -68,7 +69,7 @@ def _samples(out: Path, manifest: dict) -> list[dict]:
         for i in range(0, len(members), 3):
             (mi, img), (ml, lab), (mj, meta) = members[i: i + 3]
             key, ext = mi.name.split(".", 1)
-            assert ext in ("png", "jpg", "webp")
+            assert ext in ("pxz", "png", "jpg", "webp")
             assert [ml.name, mj.name] == [f"{key}.label.png", f"{key}.json"], "member order is image, label, json"
             for m in (mi, ml, mj):  # fixed metadata: byte-identical shards on any machine
                 assert m.isfile() and m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.mode == 0o644
@@ -197,8 +198,9 @@ def test_shard_contents_match_raw_files(made, quirky):
     seen_ids = set()
     for s in samples:
         image, label = raw[s["key"]]
-        assert s["image"] == image.read_bytes(), "keep mode stores the original image bytes"
-        assert s["ext"] == "png"
+        # the default codec is lossless: exactly the raw PNG's pixels
+        assert s["ext"] == "pxz"
+        np.testing.assert_array_equal(codec.decode(s["image"]), np.asarray(Image.open(image).convert("RGB")))
         ids = _raw_label(label, dataset)
         seen_ids |= set(np.unique(ids).tolist())
         np.testing.assert_array_equal(_decode_label(s["label"]), _to_train_ids(ids), err_msg=s["key"])
@@ -206,7 +208,7 @@ def test_shard_contents_match_raw_files(made, quirky):
         assert s["json"] == {"key": s["key"], "dataset": dataset, "split": "train",
                              "image_file": image.relative_to(root).as_posix(),
                              "label_file": label.relative_to(root).as_posix(),
-                             "original_size": [w, h], "size": [w, h], "image_format": "png"}
+                             "original_size": [w, h], "size": [w, h], "image_format": "pxz"}
     # the raw data exercised void ids (-> 255) as well as train classes
     assert {0, 7, 26} <= seen_ids and seen_ids & {1, 4, 6, 9, 10, 14, 29}
 
@@ -218,8 +220,8 @@ def test_webdataset_reads_the_same_samples(made):
     got = list(wds.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in got] == [s["key"] for s in expected]
     for g, e in zip(got, expected):
-        assert {"png", "label.png", "json"} <= set(g)
-        assert (g["png"], g["label.png"]) == (e["image"], e["label"])
+        assert {"pxz", "label.png", "json"} <= set(g)
+        assert (g["pxz"], g["label.png"]) == (e["image"], e["label"])
         assert g["__url__"] == str(out / e["url"])
 
 
@@ -251,7 +253,7 @@ def test_manifest_matches_the_shards(made, quirky):
                              "reason": f"image is {w}x{GTA5_SIZE[1]} but label is {GTA5_SIZE[0]}x{GTA5_SIZE[1]}"}
     else:
         assert manifest["skipped"] == [] and manifest["num_skipped"] == 0
-    assert manifest["options"] == {"dataset": dataset, "split": "train", "resize": None, "image_format": "keep",
+    assert manifest["options"] == {"dataset": dataset, "split": "train", "resize": None, "image_format": "pxz",
                                    "quality": 90, "shard_size": SHARD, "split_file": None,
                                    "source_root": str(root.resolve())}
     leftovers = [p.name for p in out.iterdir() if atomic.TMP_MARK in p.name or p.name == writer.PARTS_DIR]
@@ -493,8 +495,15 @@ def test_gta5_split_mat(clean_gta5, tmp_path):
 # --------------------------------------------------------------------------- resize and re-encode
 
 
-@pytest.mark.parametrize("fmt,codec", [("jpg", "JPEG"), ("keep", "PNG")])
-def test_resize_and_image_format(fmt, codec, clean_gta5, tmp_path, capsys):
+def test_keep_stores_the_original_bytes(clean_gta5, tmp_path):
+    manifest = _run("gta5", clean_gta5, tmp_path, image_format="keep")
+    raw = _raw_gta5(clean_gta5)
+    for s in _samples(tmp_path, manifest):
+        assert s["ext"] == "png" and s["image"] == raw[s["key"]][0].read_bytes()
+
+
+@pytest.mark.parametrize("fmt,pil_format", [("jpg", "JPEG"), ("keep", "PNG"), ("pxz", None)])
+def test_resize_and_image_format(fmt, pil_format, clean_gta5, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["shards", "gta5", str(clean_gta5), str(out), "--shard-size", "4", "--resize", "96x48",
                      "--image-format", fmt]) == 0
@@ -505,10 +514,13 @@ def test_resize_and_image_format(fmt, codec, clean_gta5, tmp_path, capsys):
     samples = _samples(out, manifest)
     assert len(samples) == 6
     for s in samples:
-        assert s["ext"] == ("jpg" if fmt == "jpg" else "png")
-        with Image.open(io.BytesIO(s["image"])) as im:
-            assert (im.format, im.size, im.mode) == (codec, (96, 48), "RGB")
-            im.load()
+        assert s["ext"] == {"jpg": "jpg", "keep": "png", "pxz": "pxz"}[fmt]
+        if fmt == "pxz":
+            assert codec.decode(s["image"]).shape == (48, 96, 3)
+        else:
+            with Image.open(io.BytesIO(s["image"])) as im:
+                assert (im.format, im.size, im.mode) == (pil_format, (96, 48), "RGB")
+                im.load()
         label = _decode_label(s["label"])
         assert label.shape == (48, 96)
         original = _to_train_ids(_raw_label(raw[s["key"]][1], "gta5"))

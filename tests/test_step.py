@@ -39,8 +39,8 @@ def _config(manifest, *extra):
     from segda.config import load_config
 
     return load_config(DEMO / "pretrain.yaml", [
-        f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[64,64]",
-        "data.base_size=[160,88]", "train.checkpoint_every=0", "optim.warmup_steps=0", TINY_MODEL,
+        f"data.train={manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=64x64",
+        "data.base_size=160x88", "train.checkpoint_every=0", "optim.warmup_steps=0", TINY_MODEL,
         *extra])
 
 

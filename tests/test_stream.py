@@ -24,7 +24,7 @@ from segda.log import SegdaError
 
 
 def cfg(**kw) -> DataConfig:
-    base = dict(batch_size=3, workers=2, crop_size=[48, 64], base_size=[160, 88], scale_range=[0.5, 2.0])
+    base = dict(batch_size=3, workers=2, crop_size="64x48", base_size="160x88", scale_range=[0.5, 2.0])
     return DataConfig(**{**base, **kw})
 
 
@@ -146,7 +146,7 @@ def test_small_frames_are_padded_with_ignore():
     rng = np.random.default_rng(1)
     label = np.full((20, 30), 7, np.uint8)
     image = np.zeros((20, 30, 3), np.uint8)
-    img, lab = random_scale_crop(image, label, rng, (30, 20), (1.0, 1.0), (48, 64), 1.0)
+    img, lab = random_scale_crop(image, label, rng, (30, 20), (1.0, 1.0), (64, 48), 1.0)  # crop (width, height)
     assert img.shape == (48, 64, 3) and lab.shape == (48, 64)
     assert set(np.unique(lab)) == {7, 255} and (lab[20:] == 255).all()
 

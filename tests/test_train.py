@@ -21,8 +21,8 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
 def common(train_manifest, *extra) -> list[str]:
-    return ["--set", f"data.train={train_manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=[64,64]",
-            "data.base_size=[160,88]", "data.eval_size=[160,88]", *extra]
+    return ["--set", f"data.train={train_manifest}", "data.batch_size=2", "data.workers=1", "data.crop_size=64x64",
+            "data.base_size=160x88", "data.eval_size=160x88", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, 
         assert torch.equal(plain(pixel_values=x).logits, ours(pixel_values=x).logits)
     # The adapter reproduces the trained model: the in-run final evaluation equals a fresh one from the files.
     run = json.loads((adapted / "run.json").read_text())
-    data_cfg = DataConfig(workers=0, eval_size=[160, 88])
+    data_cfg = DataConfig(workers=0, eval_size="160x88")
     result = evaluate_model(ours, resolve_dataset(str(cityscapes_manifest)), data_cfg, Accelerator(cpu=True))
     assert result["miou"] == pytest.approx(run["final"]["val_miou"], abs=1e-12)
 
@@ -125,6 +125,33 @@ def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
     proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "lora.head=everything",
                  check=False)
     assert proc.returncode == 2 and "lora.head" in proc.stderr and "classifier+norm" in proc.stderr
+
+
+def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_path):
+    from segda.config import load_config
+    from segda.log import SegdaError
+    from segda.resume import check_resumable
+
+    old = tmp_path / "old.yaml"  # segda < 0.3: crop_size was [height, width], base_size [width, height]
+    old.write_text("data:\n  crop_size: [96, 128]\n")
+    with pytest.raises(SegdaError, match=r"write crop_size: 128x96 \(the list \[96, 128\] was \[height, width\]"):
+        load_config(old)
+    old.write_text("data:\n  base_size: [1280, 720]\n")
+    with pytest.raises(SegdaError, match=r"write base_size: 1280x720 .*\[width, height\]"):
+        load_config(old)
+    with pytest.raises(SegdaError, match=r"--set data.eval_size=320x176"):
+        load_config(None, ["data.eval_size=[320, 176]"])
+    cfg = load_config(None, ["data.crop_size=128x96", "data.base_size=512"])
+    assert cfg.data.crop_size.hw == (96, 128) and cfg.data.base_size.wh == (512, 512)
+    assert cfg.to_dict()["data"]["crop_size"] == "128x96"
+    # A checkpoint written before the change records lists: the same sizes resume, other sizes are refused.
+    saved = {"stage": "pretrain", "step": 2, "world_size": 1, "scheduler": {},
+             "config": {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "crop_size": [96, 128],
+                                                   "base_size": [512, 512]}}}
+    check_resumable(saved, cfg, "pretrain", tmp_path, elastic=True, world=1)
+    saved["config"]["data"]["crop_size"] = [128, 96]
+    with pytest.raises(SegdaError, match="data.crop_size"):
+        check_resumable(saved, cfg, "pretrain", tmp_path, elastic=True, world=1)
 
 
 def test_every_shipped_yaml_loads():
@@ -171,7 +198,7 @@ def _final_tensors(run_dir: Path) -> dict:
 def test_kill_minus_nine_and_resume_gives_the_uninterrupted_weights(tmp_path, gta5_manifest):
     args = ["pretrain", str(DEMO / "pretrain.yaml"), "--max-steps", "12",
             *common(gta5_manifest, TINY_MODEL, "train.checkpoint_every=3", "data.workers=2",
-                    "data.crop_size=[96,128]", "data.photometric=true")]
+                    "data.crop_size=128x96", "data.photometric=true")]
     segda(*args[:2], "--out", tmp_path / "straight", *args[2:])
     victim = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "segda", *args[:2], "--out", str(victim), *args[2:]],

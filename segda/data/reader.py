@@ -29,7 +29,7 @@ from segda.data.datasets import Dataset
 from segda.data.sources import open_url, read_range
 from segda.log import SegdaError, warn
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+IMAGE_EXTS = ("pxz", "png", "jpg", "jpeg", "webp", "bmp")
 LABEL_EXT = "label.png"
 MAX_REQUEST_BYTES = 32 << 20
 """Neighbouring samples are fetched in one request up to this size (a dozen 2-megapixel PNG frames)."""

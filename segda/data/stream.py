@@ -74,7 +74,7 @@ class _Augmenter:
 
     def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         cfg = self.cfg
-        image, label = T.random_scale_crop(image, label, rng, cfg.base_size, cfg.scale_range, cfg.crop_size,
+        image, label = T.random_scale_crop(image, label, rng, cfg.base_size.wh, cfg.scale_range, cfg.crop_size.wh,
                                            cfg.cat_max_ratio)
         if cfg.flip:
             image, label = T.random_flip(image, label, rng)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from segda import codec
 from segda.classes import IGNORE
 
 MEAN = (0.485, 0.456, 0.406)
@@ -22,7 +23,13 @@ class DecodeError(Exception):
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded PNG/JPEG/WebP bytes -> (H, W, 3) RGB uint8."""
+    """Encoded PXZ/PNG/JPEG/WebP/BMP bytes -> (H, W, 3) RGB uint8."""
+    if codec.is_pxz(data):
+        try:
+            pixels = codec.decode(data)
+        except codec.PxzError as err:
+            raise DecodeError(str(err)) from None
+        return pixels if pixels.shape[2] == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise DecodeError("image bytes could not be decoded")
@@ -56,12 +63,13 @@ def warp_crop(array: np.ndarray, scale: float, x0: int, y0: int, out_w: int, out
 
 
 def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, base_size, scale_range,
-                      crop_hw, cat_max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Random rescale + random crop (+ mmseg's cat_max_ratio retries), padded to crop_hw with 0 / IGNORE."""
+                      crop_wh, cat_max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Random rescale + random crop (+ mmseg's cat_max_ratio retries), padded to crop_wh (width, height) with
+    0 / IGNORE."""
     height, width = label.shape
     scale = rescale_factor(height, width, base_size, rng.uniform(*scale_range))
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
-    crop_h, crop_w = crop_hw
+    crop_w, crop_h = crop_wh
     out_h, out_w = min(crop_h, new_h), min(crop_w, new_w)
     for _ in range(10):
         y0 = int(rng.integers(0, new_h - out_h + 1))
