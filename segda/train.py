@@ -129,6 +129,8 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
     rank = accelerator.process_index
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
+    if cfg.train.channels_last:  # weights and inputs alike (segda bench train --channels-last measures both)
+        model = model.to(memory_format=torch.channels_last)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     # Fused: one kernel per step, and the only AdamW that can skip a step on the device (segda.guard). DeepSpeed
     # on CPU steps its flat fp32 partitions itself: it keeps the plain implementation there.
