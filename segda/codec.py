@@ -44,6 +44,9 @@ def encode(image: np.ndarray, filter: int = COLOUR_UP, level: int = LEVEL, strip
         raise PxzError(f"PXZ encodes uint8 (H, W) or (H, W, C) arrays, got {image.dtype} {image.shape}")
     image = image if image.ndim == 3 else image[:, :, None]
     height, width, channels = image.shape
+    if channels not in (1, 3) or min(height, width) < 1 or image.size > _MAX_PIXELS:
+        raise PxzError(f"PXZ stores grey or RGB images of 1 to {_MAX_PIXELS:,} values, got {width}x{height}x"
+                       f"{channels}")
     if filter == COLOUR_UP and channels != 3:
         filter = UP
     compressor = zstandard.ZstdCompressor(level=level)
@@ -72,17 +75,17 @@ def decode(data) -> np.ndarray:
     if len(view) < 4 + _HEAD.size or not is_pxz(view):
         raise PxzError("not a PXZ image (no PXZ1 header)")
     height, width, channels, filter, strip_rows, count = _HEAD.unpack_from(view, 4)
-    if channels < 1 or filter not in (NONE, UP, COLOUR_UP) or strip_rows < 1 or \
+    if channels not in (1, 3) or filter not in (NONE, UP, COLOUR_UP) or min(height, width, strip_rows) < 1 or \
             height * width * channels > _MAX_PIXELS or count != -(-height // strip_rows) or \
             (filter == COLOUR_UP and channels != 3):
-        raise PxzError(f"PXZ header is inconsistent ({height}x{width}x{channels}, filter {filter}, "
+        raise PxzError(f"PXZ header is inconsistent ({width}x{height}, {channels} channels, filter {filter}, "
                        f"{count} strips of {strip_rows} rows)")
     table = 4 + _HEAD.size
     sizes = struct.unpack_from(f"<{count}I", view, table) if len(view) >= table + 4 * count else None
     if sizes is None or table + 4 * count + sum(sizes) > len(view):
         raise PxzError("PXZ image is truncated")
     out = np.empty((height, width, channels), np.uint8)
-    planar = np.empty((strip_rows, channels, width), np.uint8) if filter == COLOUR_UP else None
+    planar = np.empty((min(strip_rows, height), channels, width), np.uint8) if filter == COLOUR_UP else None
     decompressor = zstandard.ZstdDecompressor()  # one per call: they must not be shared between threads
     offset = table + 4 * count
     for index, size in enumerate(sizes):

@@ -46,10 +46,10 @@ _OLD_LIST_ORDER = {"crop_size": "hw", "base_size": "wh", "eval_size": "wh"}
 def parse_size(value, what: str) -> Size:
     """"WxH" (or a whole number N for NxN) -> Size; anything else raises a SegdaError saying how to write it."""
     text = "" if isinstance(value, bool) or not isinstance(value, (str, int)) else str(value).strip().lower()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         text = f"{text}x{text}"
     parts = text.replace(" ", "").split("x")
-    if len(parts) == 2 and all(p.isdigit() and int(p) >= 1 for p in parts):
+    if len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) >= 1 for p in parts):
         return Size(f"{int(parts[0])}x{int(parts[1])}")
     name = what.rsplit(".", 1)[-1]
     migrated = old_size_list(name, value)
@@ -318,6 +318,8 @@ def _apply_override(cfg: Config, item: str) -> None:
 
 def _parse_value(text: str, hint):
     if hint is str:
+        return text
+    if hint is Size and not text.strip().startswith("["):  # YAML would read 0x10 as 16, 1:30 as 90
         return text  # a path like 007 or true stays a string
     try:
         return yaml.safe_load(text)

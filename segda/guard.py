@@ -16,12 +16,22 @@ import torch
 
 
 class NonFiniteGuard:
-    def __init__(self, optimizer, device):
+    def __init__(self, optimizer, device, model=None):
         self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate: its AcceleratedOptimizer
         if not self.inner.defaults.get("fused"):
             raise ValueError("the non-finite guard needs a fused optimizer: only its kernel takes found_inf")
         self.skipped = torch.zeros((), device=device)
         self._reported = 0
+        # BatchNorm running statistics change in the forward pass, before any verdict: they are kept as they
+        # were at the start of the optimizer step and put back (on the device) when the step is skipped.
+        self.buffers = [b for m in (model.modules() if model is not None else ())
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers() if b.is_floating_point()]
+        self._saved: list[torch.Tensor] = []
+
+    def start_step(self) -> None:
+        """Call before the first micro-batch of an optimizer step."""
+        self._saved = [b.detach().clone() for b in self.buffers]
 
     def arm(self, parameters, grad_norm: torch.Tensor | None = None) -> None:
         """Before the optimizer step: skip it (on the device) if any gradient is NaN or infinite."""
@@ -32,6 +42,9 @@ class NonFiniteGuard:
         found = (~torch.isfinite(grad_norm)).to(torch.float32).reshape(())
         self.inner.found_inf = found
         self.skipped += found
+        with torch.no_grad():
+            for buffer, saved in zip(self.buffers, self._saved):
+                buffer.copy_(torch.where(found.bool(), saved, buffer))
 
     def disarm(self) -> None:
         self.inner.__dict__.pop("found_inf", None)

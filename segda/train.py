@@ -174,11 +174,12 @@ class _Loop:
         # The loss stays on the device until a log line needs it: no host-device sync per micro-batch.
         self.window = _Window(accelerator.device)
         self.data_wait_seconds = 0.0
+        self.micro = 0  # micro-batches of the current optimizer step so far
         # Under DeepSpeed bf16/fp16 the engine casts the model and Accelerate does not autocast: the pixels must
         # arrive in the model's dtype. Elsewhere the weights stay fp32 and autocast does the casting.
         self.input_dtype = next(model.parameters()).dtype
         self.guard = None if self.deepspeed or accelerator.scaler is not None else \
-            NonFiniteGuard(optimizer, accelerator.device)
+            NonFiniteGuard(optimizer, accelerator.device, model)
         self.forward = _compiled(model, cfg.train) if cfg.train.compile else model
         self.position = dict(START)  # of the data order, after the last micro-batch trained on
         self.control = Control(accelerator.num_processes)
@@ -312,6 +313,9 @@ class _Loop:
         """Forward/backward one micro-batch; True when this completed an optimizer step. Nothing here waits for
         the device (the DeepSpeed path excepted): the loss and the finiteness verdict stay on it."""
         acc, cfg = self.acc, self.cfg
+        if self.guard is not None and self.micro == 0:
+            self.guard.start_step()
+        self.micro = (self.micro + 1) % cfg.train.grad_accum
         with acc.accumulate(self.model):
             pixels = normalize(batch["image"], acc.device, self.input_dtype, channels_last=cfg.train.channels_last)
             logits = self.forward(pixel_values=pixels).logits
@@ -365,6 +369,7 @@ class _Loop:
             self._log(self.last)
         if self.val_ds is not None and cfg.eval_every and self.step % cfg.eval_every == 0 \
                 and self.step < cfg.max_steps:
+            self._check_skipped_steps()
             self._evaluate()
         # Every rank takes the same decision at the same step, whichever rank the signal or the clock reached.
         stop, clock_due = self.control.agree(signals.received, self.clock.due())
@@ -402,7 +407,7 @@ class _Loop:
         self._check_skipped_steps()
         state = {"step": self.step, "world_size": acc.num_processes, "scheduler": self.scheduler.state_dict(),
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
-                 "data_wait_seconds": self.data_wait_seconds,
+                 "data_wait_seconds": self.data_wait_seconds + self.window.data_wait,
                  "stage": self.stage, "config": self.cfg.to_dict(),
                  "data": {**self.position, "order": "by_sample" if elastic(self.train_ds, self.cfg.data) else "by_shard"},
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}

@@ -46,6 +46,9 @@ def test_malformed_bytes_raise_a_named_error():
         "inconsistent header": blob[:4] + bytes(codec._HEAD.size) + blob[head:],
         "corrupt strip": blob[:head + 12] + bytes(64) + blob[head + 76:],
         "too many pixels": blob[:4] + codec._HEAD.pack(1 << 16, 1 << 16, 3, 2, 128, 512) + blob[head:],
+        "zero height": blob[:4] + codec._HEAD.pack(0, 40, 3, 2, 128, 0) + blob[head:],
+        "two channels": blob[:4] + codec._HEAD.pack(300, 40, 2, 1, 128, 3) + blob[head:],
+        "huge strips": blob[:4] + codec._HEAD.pack(1, 40, 3, 2, 65535, 1) + blob[head:],
     }
     for what, data in broken.items():
         with pytest.raises(codec.PxzError):
@@ -53,6 +56,12 @@ def test_malformed_bytes_raise_a_named_error():
         if what != "not pxz":
             with pytest.raises(DecodeError):
                 decode_image(data)
+
+
+def test_encode_refuses_what_decode_would_refuse():
+    for image in (np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(codec.PxzError):
+            codec.encode(image)
 
 
 def test_decode_image_reads_pxz_and_png_alike():

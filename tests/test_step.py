@@ -100,6 +100,16 @@ def test_the_guard_skips_a_non_finite_step_on_the_device_and_counts_it():
             assert all(torch.equal(optimizer.state[weight][k], v) for k, v in before[1].items())
     assert guard.new_skips() == 2 and guard.new_skips() == 0
     assert float(optimizer.state[weight]["step"]) == 1
+    # BatchNorm statistics, updated by the forward pass before any verdict, are put back when the step is skipped
+    norm = torch.nn.BatchNorm1d(2)
+    guard = NonFiniteGuard(torch.optim.AdamW(norm.parameters(), fused=True), "cpu", norm)
+    for batch, skipped in (([[1.0, 2.0], [3.0, 4.0]], False), ([[float("nan"), 2.0], [3.0, 4.0]], True)):
+        guard.start_step()
+        before = norm.running_mean.clone()
+        norm(torch.tensor(batch)).sum().backward()
+        guard.arm(norm.parameters())
+        assert torch.equal(norm.running_mean, before) == skipped and torch.isfinite(norm.running_mean).all()
+        norm.zero_grad()
     with pytest.raises(ValueError, match="fused"):
         NonFiniteGuard(torch.optim.AdamW([weight], fused=False), "cpu")
 

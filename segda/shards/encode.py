@@ -160,7 +160,10 @@ def _reencode(pixels: np.ndarray, opts: EncodeOptions, ext: str) -> bytes:
     if opts.resize is not None:
         bgr = cv2.resize(bgr, opts.resize, interpolation=cv2.INTER_AREA)
     if ext == "pxz":  # stored in RGB, the order the loader wants: no colour conversion when decoding
-        return codec.encode(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        try:
+            return codec.encode(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        except codec.PxzError as err:
+            raise BadSample(f"cannot store the image as pxz: {err}; use --resize") from None
     params = {"png": [cv2.IMWRITE_PNG_COMPRESSION, 1], "bmp": [], "jpg": [cv2.IMWRITE_JPEG_QUALITY, opts.quality],
               "webp": [cv2.IMWRITE_WEBP_QUALITY, opts.quality]}[ext]
     ok, buf = cv2.imencode("." + ext, bgr, params)
