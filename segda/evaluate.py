@@ -114,7 +114,10 @@ def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.T
     bincount asks it for the largest index. IGNORE pixels go to one extra bin instead, and a scatter-add counts.
     """
     cells = NUM_CLASSES * NUM_CLASSES
-    index = torch.where(label == IGNORE, cells, label.long() * NUM_CLASSES + pred.long()).reshape(-1)
+    # Ids 19-254 are left out like IGNORE (as mmseg's histogram does): indexing past the matrix would be a fatal
+    # device-side assert on a GPU.
+    outside = (label == IGNORE) | (label >= NUM_CLASSES)
+    index = torch.where(outside, cells, label.long() * NUM_CLASSES + pred.long()).reshape(-1)
     counts = torch.zeros(cells + 1, dtype=torch.int64, device=confusion.device)
     counts.scatter_add_(0, index, torch.ones_like(index))
     confusion += counts[:cells].view(NUM_CLASSES, NUM_CLASSES)

@@ -50,10 +50,15 @@ def _refuse_silent_deepspeed_loss(accelerator: Accelerator) -> None:
     """A DeepSpeed launch config under ACCELERATE_USE_CPU=1 runs as plain DDP without a word: say so and stop."""
     asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     if asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise SegdaError(f"the launch config asks for DeepSpeed, but this run would be {accelerator.distributed_type.value}"
-                         " (no ZeRO sharding) because ACCELERATE_USE_CPU=1 is set: unset ACCELERATE_USE_CPU "
-                         "(DeepSpeed finds its CPU accelerator by itself), or launch with a config that is not "
-                         "DeepSpeed (launch/accelerate/cpu_ddp.yaml)")
+        where = accelerator.distributed_type.value
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            raise SegdaError(f"the launch config asks for DeepSpeed, but this run would be {where} (no ZeRO "
+                             "sharding) because ACCELERATE_USE_CPU=1 is set: unset ACCELERATE_USE_CPU (DeepSpeed "
+                             "finds its CPU accelerator by itself), or launch with a config that is not DeepSpeed "
+                             "(launch/accelerate/cpu_ddp.yaml)")
+        raise SegdaError(f"the launch config asks for DeepSpeed, but Accelerate set up {where}: check that "
+                         "`import deepspeed` works in this environment and that the config's distributed_type is "
+                         "DEEPSPEED")
 
 
 def _has_tensorboard() -> bool:
@@ -320,7 +325,9 @@ class _Loop:
             pixels = normalize(batch["image"], acc.device, self.input_dtype, channels_last=cfg.train.channels_last)
             logits = self.forward(pixel_values=pixels).logits
             loss = segmentation_loss(logits, batch["label"].to(acc.device, non_blocking=True))
-            if self.deepspeed:  # its engine owns the optimizer step: check on the host before backward
+            if self.deepspeed and acc.mixed_precision != "fp16":
+                # its engine owns the optimizer step: check on the host before backward (under fp16, DeepSpeed's
+                # own loss scaler skips overflowing steps and lowers its scale, as Accelerate's does)
                 self._check_loss_now(loss)
             acc.backward(loss)
             grad_norm = None
@@ -333,6 +340,8 @@ class _Loop:
                 self.guard.disarm()
             elif acc.sync_gradients and acc.scaler is not None and self.optimizer.step_was_skipped:
                 self.nonfinite_skipped += 1  # fp16: the scaler found an overflow, skipped and lowered its scale
+                warn(f"fp16 overflow at step {self.step + 1}: the gradient scaler skipped the update and lowered "
+                     "its scale")
             self.optimizer.zero_grad(set_to_none=True)
         self.images += len(batch["key"]) * acc.num_processes
         self.window.add(loss.detach())
@@ -446,8 +455,8 @@ class _Loop:
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
         self.replicas_identical = self._replicas_identical(model)
-        if self.deepspeed:  # DeepSpeed bf16/fp16 cast the weights: the saved files hold fp32, like every other run
-            model.float()
+        if self.deepspeed:  # bf16/fp16 cast the module: save ZeRO's fp32 master weights, like every other run's fp32
+            _take_fp32_master_weights(model)
         if acc.is_main_process:
             if self.stage == "pretrain":
                 save_model(model, self.out / "model")
@@ -505,11 +514,26 @@ class _Window:
         self.count += 1
 
     def read(self, accelerator) -> dict:
-        """Call on every rank (it gathers): the loss averaged over ranks and micro-batches."""
-        mean = accelerator.gather((self.loss / max(self.count, 1)).reshape(1)).mean().item()
-        out = {"loss": mean, "data_wait_s": self.data_wait, "data_wait_share": self.data_wait / max(self.seconds, 1e-9)}
+        """Call on every rank (it gathers): the loss averaged over ranks and micro-batches; the data wait of the
+        rank that waited longest (under DDP every rank then waits for it in the all-reduce)."""
+        local = torch.stack([self.loss / max(self.count, 1), torch.tensor(self.data_wait, device=self.device)])
+        both = accelerator.gather(local[None].double()).reshape(-1, 2)
+        loss, wait = float(both[:, 0].mean()), float(both[:, 1].max())
+        out = {"loss": loss, "data_wait_s": wait, "data_wait_share": min(wait / max(self.seconds, 1e-9), 1.0)}
         self.reset()
         return out
+
+
+def _take_fp32_master_weights(model) -> None:
+    """Call on every rank: ZeRO keeps the fp32 master copy sharded, and assembling it is a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = [(p, safe_get_full_fp32_param(p)) for p in model.parameters() if p.requires_grad]
+    model.float()
+    with torch.no_grad():
+        for param, master in masters:
+            if master is not None:
+                param.copy_(master.reshape(param.shape))
 
 
 def _compiled(model, cfg):

@@ -58,6 +58,20 @@ def test_malformed_bytes_raise_a_named_error():
                 decode_image(data)
 
 
+def test_a_header_promising_too_many_pixels_or_a_strip_holding_more_rows_is_refused():
+    import struct
+
+    huge = codec.MAGIC + codec._HEAD.pack(65536, 65536, 3, 2, 65535, 2) + struct.pack("<2I", 1, 1) + b"xx"
+    with pytest.raises(codec.PxzError, match="inconsistent"):
+        codec.decode(huge)
+    image = np.random.default_rng(3).integers(0, 256, (256, 8, 3), dtype=np.uint8)
+    blob = codec.encode(image, strip_rows=256)  # one strip of 256 rows, relabelled as 128 rows
+    head = 4 + codec._HEAD.size
+    lying = blob[:4] + codec._HEAD.pack(128, 8, 3, 2, 128, 1) + blob[head:]
+    with pytest.raises(codec.PxzError, match="rows its header promises"):
+        codec.decode(lying)
+
+
 def test_encode_refuses_what_decode_would_refuse():
     for image in (np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4, 3), np.uint8)):
         with pytest.raises(codec.PxzError):

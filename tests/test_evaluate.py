@@ -137,6 +137,21 @@ def test_sliding_window_equals_whole_image_when_the_window_covers_it(models):
     tiled = predict_logits(model, [image], [(64, 96)], InferenceOptions(mode="slide", crop=(64, 64),
                                                                         stride=(32, 32), batch_size=2), "cpu")[0]
     assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+    # (width, height): 48-wide windows every 16 pixels across 96 make 4 columns; the full 64 rows make 1 row
+    windows = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, pixel_values):
+            windows.append(len(pixel_values))
+            return self.inner(pixel_values=pixel_values)
+
+    predict_logits(Counting(), [image], [(64, 96)], InferenceOptions(mode="slide", crop=(48, 64), stride=(16, 64),
+                                                                    batch_size=8), "cpu")
+    assert sum(windows) == 4
 
 
 def test_predict_writes_the_masks_evaluation_scores(models, tmp_path):

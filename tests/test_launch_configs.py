@@ -138,8 +138,21 @@ def test_deepspeed_zero2_as_shipped_trains_in_bf16_and_resumes(ddp_base, citysca
     a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
     assert a.keys() == b.keys()
     assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.float32}, "saved in fp32, not bf16"
+    # ZeRO's fp32 master weights, not the bf16 module's values upcast
+    assert any(bool((v != v.bfloat16().float()).any()) for k, v in b.items() if "lora_" in k)
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= 1e-6, f"the resumed adapter differs from the straight one by {worst}"
+
+
+def test_deepspeed_zero2_pretrain_as_shipped(tmp_path, gta5_manifest):
+    """The issue's reproducer: `pretrain` under the shipped ZeRO-2 config crashed on its first forward in bf16."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    launch("deepspeed_zero2.yaml", "pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 2,
+           *data_args(gta5_manifest, TINY_MODEL), cpu=False, num_processes=2, main_process_port=0)
+    run_record(out, shipped("deepspeed_zero2.yaml"), 2, "DEEPSPEED")
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_deepspeed_under_accelerate_use_cpu_is_refused(ddp_base, cityscapes_manifest, tmp_path):

@@ -120,10 +120,29 @@ def test_log_lines_report_the_loss_and_the_data_wait(tmp_path, gta5_manifest):
     summary = train("pretrain", _config(gta5_manifest, "train.max_steps=4", "train.log_every=2"), tmp_path / "r")
     lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
+    assert 2.0 < lines[0]["loss"] < 4.0  # the mean of its micro-batches near ln(19) = 2.94, not their sum
     for line in lines:
         assert 0 < line["loss"] < 10 and 0 <= line["data_wait_share"] <= 1 and line["data_wait_s"] >= 0
     assert summary["data_wait_seconds"] == pytest.approx(sum(line["data_wait_s"] for line in lines))
     assert 0 < summary["data_wait_share"] < 1
+
+
+def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, monkeypatch):
+    import segda.train as segda_train
+    from segda.model import normalize
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        pixels = normalize(*args, **kwargs)
+        seen.append(pixels.is_contiguous(memory_format=torch.channels_last))
+        return pixels
+
+    monkeypatch.setattr(segda_train, "normalize", spy)
+    segda_train.train("pretrain", _config(gta5_manifest, "train.max_steps=2", "train.channels_last=true"),
+                      tmp_path / "r")
+    assert seen and all(seen)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "done"
 
 
 def test_compile_trains_the_same_model(tmp_path, gta5_manifest):

@@ -248,7 +248,7 @@ def test_undecodable_image_and_missing_label_are_skipped_and_named(cityscapes_ma
     with tarfile.open(first) as tar:
         keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})
     broken, unlabeled = keys[0], keys[1]
-    _rewrite_tar(first, lambda n, d: (b"not a png" if n == f"{broken}.png" else
+    _rewrite_tar(first, lambda n, d: (b"not an image" if n == f"{broken}.pxz" else
                                       None if n == f"{unlabeled}.label.png" else d))
     batches = _eval_batches(manifest, cfg(workers=0))
     got = [k for b in batches for k in b["key"]]
@@ -322,9 +322,10 @@ def test_resume_stays_exact_after_an_undecodable_sample(cityscapes_manifest, tmp
     manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
     first = manifest.parent / "val-000000.tar"
     broken = sorted({m.name.split(".")[0] for m in tarfile.open(first).getmembers()})[1]
-    _rewrite_tar(first, lambda n, d: b"garbage" if n == f"{broken}.png" else d)
+    _rewrite_tar(first, lambda n, d: b"garbage" if n == f"{broken}.pxz" else d)
     data_cfg = cfg(workers=0, batch_size=2, shuffle_buffer=1)
     full = epoch_batches(manifest, data_cfg, 0, 1)
+    assert sum(b["skipped"] for b in full) == 1, "the sample must really be undecodable"
     for start in range(1, len(full)):
         resumed = epoch_batches(manifest, data_cfg, 0, 1, start_step=start)
         assert [b["key"] for b in resumed] == [b["key"] for b in full[start:]]
