@@ -22,7 +22,7 @@ from segda.classes import CLASS_NAMES, NUM_CLASSES
 from segda.config import LoraConfig
 from safetensors import SafetensorError
 
-from segda.log import SegdaError, warn
+from segda.log import SegdaError, info, warn
 from segda.model import build_model, fingerprint
 
 METADATA = "segda.json"
@@ -137,6 +137,50 @@ def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base
     except SafetensorError as err:
         raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter again "
                          "or re-run `segda adapt`") from err
+
+
+class SharedBase:
+    """Many adapters of one base: the base is loaded once and the adapters are switched in place (peft's
+    `load_adapter` / `set_adapter`), each with its own LoRA weights and head copies (BatchNorm statistics too).
+    An adapter of another base replaces the one in memory. The checks are load_adapted's."""
+
+    def __init__(self, allow_base_mismatch: bool = False):
+        self.allow_base_mismatch = allow_base_mismatch
+        self.model: PeftModel | None = None
+        self.base_path: str | None = None
+        self.base_fingerprint: str | None = None
+        self.names: dict[str, str] = {}  # adapter folder -> peft adapter name
+
+    def activate(self, adapter_dir: str | Path, base: str | None = None) -> PeftModel:
+        meta = read_metadata(adapter_dir, base)
+        base_path = str(base or meta.get("base_model") or "")
+        if not base_path:
+            raise SegdaError(f"{adapter_dir}: no base model recorded; pass --base")
+        key = str(Path(adapter_dir).resolve())
+        if self.model is None or base_path != self.base_path:
+            self.model = load_adapted(adapter_dir, base, allow_base_mismatch=self.allow_base_mismatch)
+            self.base_path, self.names = base_path, {key: "default"}
+            self.base_fingerprint = meta.get("base_fingerprint")
+            return self.model
+        if meta and meta.get("base_fingerprint") != self.base_fingerprint and not self.allow_base_mismatch:
+            raise SegdaError(f"adapter {adapter_dir} was trained on a base with fingerprint "
+                             f"{str(meta.get('base_fingerprint'))[:16]}, not the {str(self.base_fingerprint)[:16]} of "
+                             f"{base_path}: use the adapter's own base, or pass --allow-base-mismatch")
+        if key not in self.names:
+            name = f"adapter{len(self.names)}"
+            try:
+                self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+            except SafetensorError as err:
+                raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter "
+                                 "again or re-run `segda adapt`") from err
+            except (KeyError, ValueError, RuntimeError) as err:  # another LoRA layout (targets, head mode)
+                info(f"{adapter_dir} cannot share the base with the adapters loaded so far ({type(err).__name__}: "
+                     f"{err}); loading the base again for it")
+                self.model = None
+                return self.activate(adapter_dir, base)
+            self.names[key] = name
+        self.model.set_adapter(self.names[key])
+        return self.model
 
 
 def merge(adapted: PeftModel):

@@ -64,6 +64,15 @@ LABELS: tuple[tuple[int, str, int, tuple[int, int, int]], ...] = (
     (-1, "license plate", IGNORE, (0, 0, 142)),
 )
 
+PROTOCOLS: dict[str, tuple[int, ...]] = {
+    "19": tuple(range(NUM_CLASSES)),
+    # SYNTHIA -> Cityscapes: SYNTHIA has no terrain, truck or train; mIoU13 also leaves out wall, fence and pole.
+    "synthia16": tuple(c for c in range(NUM_CLASSES) if c not in (9, 14, 16)),
+    "synthia13": tuple(c for c in range(NUM_CLASSES) if c not in (3, 4, 5, 9, 14, 16)),
+}
+"""Evaluation protocols: the train ids whose IoUs the mIoU averages. Every IoU still comes from the full 19x19
+confusion matrix (a terrain pixel predicted as road is still a false positive of road), as the field reports them."""
+
 MAX_LABEL_ID = 33
 """Largest valid label id in a raw label image; larger values are bad input (the -1 id cannot occur in uint8 PNGs)."""
 

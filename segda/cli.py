@@ -172,6 +172,9 @@ def _add_evaluate(sub) -> None:
                    help="a manifest or shard URL pattern: local, http(s)://, s3:// (repeatable)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--limit", type=int, default=0, help="evaluate at most N samples per dataset (0: all)")
+    p.add_argument("--classes", choices=["19", "synthia16", "synthia13"], default="19",
+                   help="evaluation protocol: the classes the mIoU averages (SYNTHIA -> Cityscapes: synthia16, "
+                        "synthia13)")
     p.add_argument("--workers", type=_int_in(0), default=2, help="loader workers per process")
     p.add_argument("--examples", type=int, default=4, help="example predictions per pair in the report")
     p.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest")
@@ -194,7 +197,7 @@ def _run_evaluate(args) -> int:
                           eval_size="{}x{}".format(*args.eval_size), timeout=args.timeout, retries=args.retries)
     evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,
                     _inference_options(args), base=args.base, allow_base_mismatch=args.allow_base_mismatch,
-                    limit=args.limit, num_examples=args.examples)
+                    limit=args.limit, num_examples=args.examples, protocol=args.classes)
     return 0
 
 

@@ -125,7 +125,7 @@ def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.T
 
 @torch.no_grad()
 def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: InferenceOptions | None = None,
-                   limit: int = 0, num_examples: int = 0) -> dict:
+                   limit: int = 0, num_examples: int = 0, protocol: str = "19") -> dict:
     """Confusion matrix and metrics of `model` on dataset `ds`, summed over all ranks (call on every rank)."""
     opts = opts or InferenceOptions(eval_size=data_cfg.eval_size.wh)
     device = accelerator.device
@@ -154,7 +154,7 @@ def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: Infere
     confusion = accelerator.reduce(confusion, reduction="sum")
     counts = accelerator.reduce(counts, reduction="sum")
     model.train(was_training)
-    result = metrics_from_confusion(confusion.cpu().numpy().astype(np.int64))
+    result = metrics_from_confusion(confusion.cpu().numpy().astype(np.int64), protocol)
     return {**result, "confusion": confusion.cpu().numpy().astype(np.int64), "num_samples": int(counts[0]),
             "skipped": int(counts[1]), "examples": examples}
 
@@ -194,7 +194,7 @@ def parse_labeled(items: list[str], what: str) -> list[tuple[str, str]]:
 def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str]], out_dir: str | Path,
                     data_cfg: DataConfig, opts: InferenceOptions, *, base: str | None = None,
                     allow_base_mismatch: bool = False, limit: int = 0, num_examples: int = 4,
-                    extra: dict | None = None, accelerator=None) -> dict:
+                    extra: dict | None = None, accelerator=None, protocol: str = "19") -> dict:
     """Evaluate every model on every dataset and write the report (main process)."""
     from accelerate import Accelerator
 
@@ -203,14 +203,22 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
 
     accelerator = accelerator or Accelerator()
     set_main_process(accelerator.is_main_process)
+    from segda.adapters import SharedBase, is_adapter
+
     resolved = [(label, resolve_dataset(spec, allow_pipe=data_cfg.allow_pipe), spec) for label, spec in datasets]
     results = []
+    shared = SharedBase(allow_base_mismatch)  # adapters of one base: the base is loaded once
     for model_label, path in models:
-        model = load_any(path, base, allow_base_mismatch).to(accelerator.device)
+        if is_adapter(path):
+            model = shared.activate(path, base).to(accelerator.device)
+        else:
+            model = load_any(path, base, allow_base_mismatch).to(accelerator.device)
         for data_label, ds, spec in resolved:
             info(f"evaluating {model_label} on {data_label} ...")
-            r = evaluate_model(model, ds, data_cfg, accelerator, opts=opts, limit=limit, num_examples=num_examples)
-            info(f"  mIoU {100 * r['miou']:.1f} over {r['num_samples']} samples, {r['num_pixels']:,} pixels")
+            r = evaluate_model(model, ds, data_cfg, accelerator, opts=opts, limit=limit, num_examples=num_examples,
+                               protocol=protocol)
+            info(f"  mIoU {100 * r['miou']:.1f} ({r['protocol_classes']} classes, protocol {protocol}) over "
+                 f"{r['num_samples']} samples, {r['num_pixels']:,} pixels")
             results.append({**r, "model": model_label, "data": data_label, "model_path": path, "data_spec": spec})
     report = {}
     if accelerator.is_main_process:

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from segda import atomic
-from segda.classes import CLASS_NAMES, NUM_CLASSES, colorize
+from segda.classes import CLASS_NAMES, NUM_CLASSES, PROTOCOLS, colorize
 from segda.log import SegdaError
 
 DASH = "–"
@@ -31,8 +31,9 @@ GAP = 4
 """White pixels between panels (and rows) of the example grid."""
 
 
-def metrics_from_confusion(confusion: np.ndarray) -> dict:
-    """Standard 19-class metrics of a (gt x pred) confusion matrix of non-ignored pixels.
+def metrics_from_confusion(confusion: np.ndarray, protocol: str = "19") -> dict:
+    """Standard metrics of a 19x19 (gt x pred) confusion matrix of non-ignored pixels; the mIoU and mean accuracy
+    average the classes of `protocol` (classes.PROTOCOLS: 19, synthia16, synthia13).
 
     iou[c] is None where class c is absent from both ground truth and prediction (union 0). mIoU averages the other
     IoUs; with no pixels at all every IoU is None and mIoU, pixel and mean accuracy are 0.0 (not nan, which JSON
@@ -41,6 +42,10 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict:
     cm = np.asarray(confusion, dtype=np.float64)
     if cm.shape != (NUM_CLASSES, NUM_CLASSES):
         raise SegdaError(f"confusion matrix has shape {cm.shape}, expected ({NUM_CLASSES}, {NUM_CLASSES})")
+    if protocol not in PROTOCOLS:
+        raise SegdaError(f"unknown evaluation protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    scored = np.zeros(NUM_CLASSES, dtype=bool)
+    scored[list(PROTOCOLS[protocol])] = True
     tp = np.diag(cm)
     gt_count, pred_count = cm.sum(axis=1), cm.sum(axis=0)
     union = gt_count + pred_count - tp
@@ -49,12 +54,13 @@ def metrics_from_confusion(confusion: np.ndarray) -> dict:
     in_gt = gt_count > 0
     acc = np.divide(tp, gt_count, out=np.zeros_like(tp), where=in_gt)
     total = cm.sum()
+    averaged, accurate = present & scored, in_gt & scored
     return {
         "iou": [float(v) if p else None for v, p in zip(iou, present)],
-        "miou": float(iou[present].mean()) if present.any() else 0.0,
+        "miou": float(iou[averaged].mean()) if averaged.any() else 0.0,
         "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
-        "mean_accuracy": float(acc[in_gt].mean()) if in_gt.any() else 0.0,
-        "num_pixels": int(total),
+        "mean_accuracy": float(acc[accurate].mean()) if accurate.any() else 0.0,
+        "num_pixels": int(total), "protocol": protocol, "protocol_classes": int(scored.sum()),
     }
 
 
@@ -67,7 +73,7 @@ def _md(label: str) -> str:
 
 
 def _miou(pair: dict) -> float:
-    return pair["miou"] if "miou" in pair else metrics_from_confusion(pair["confusion"])["miou"]
+    return pair["miou"] if "miou" in pair else metrics_from_confusion(pair["confusion"], pair.get("protocol", "19"))["miou"]
 
 
 def format_matrix(pairs: list[dict]) -> str:
@@ -91,9 +97,9 @@ def sanitize(label: str) -> str:
 
 def _pair_entry(result: dict) -> dict:
     confusion = np.asarray(result["confusion"], dtype=np.int64)
-    metrics = metrics_from_confusion(confusion)
+    metrics = metrics_from_confusion(confusion, result.get("protocol", "19"))
     return {
-        "model": result["model"], "data": result["data"],
+        "model": result["model"], "data": result["data"], "protocol": metrics["protocol"],
         "model_path": str(result["model_path"]), "data_spec": str(result["data_spec"]),
         "miou": metrics["miou"], "iou": dict(zip(CLASS_NAMES, metrics["iou"])),
         "pixel_accuracy": metrics["pixel_accuracy"], "mean_accuracy": metrics["mean_accuracy"],
@@ -198,7 +204,12 @@ def _write_png(image: Image.Image, path: Path) -> None:
 
 def _markdown(pairs: list[dict], extra: dict, figures: list[tuple[str, str]]) -> str:
     heads = [f"{_md(p['model'])} @ {_md(p['data'])}" for p in pairs]
-    out = ["# Evaluation report", "", "## mIoU", "", format_matrix(pairs), "",
+    protocols = sorted({p["protocol"] for p in pairs})
+    scope = ", ".join(f"{name} ({len(PROTOCOLS[name])} classes: "
+                      f"{', '.join(CLASS_NAMES[c] for c in PROTOCOLS[name]) if name != '19' else 'all'})"
+                      for name in protocols)
+    out = ["# Evaluation report", "", f"Protocol: {scope}. Every IoU comes from the full 19-class confusion matrix; "
+           "the mIoU averages the protocol's classes.", "", "## mIoU", "", format_matrix(pairs), "",
            "## Pairs", "", "| model | data | mIoU | pixel acc | mean acc | samples | skipped | model path | data |",
            "|---|---|---:|---:|---:|---:|---:|---|---|"]
     for p in pairs:
@@ -235,7 +246,8 @@ def write_report(out_dir: str | Path, results: list[dict], extra: dict | None = 
         seen.add((r["model"], r["data"]))
     pairs = [_pair_entry(r) for r in results]
     extra = _plain(dict(extra or {}))
-    report = {"pairs": pairs, "class_names": list(CLASS_NAMES), "extra": extra}
+    report = {"pairs": pairs, "class_names": list(CLASS_NAMES), "extra": extra,
+              "protocols": {name: [CLASS_NAMES[c] for c in PROTOCOLS[name]] for name in {p["protocol"] for p in pairs}}}
 
     figures, used = [], set()
     for result, pair in zip(results, pairs):

@@ -186,3 +186,31 @@ def test_export_merges_the_adapter_into_a_plain_model(models, tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(merged(pixel_values=x).logits, adapted(pixel_values=x).logits, atol=1e-5)
+
+
+def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models, cityscapes_manifest, tmp_path,
+                                                                         monkeypatch):
+    from segda import adapters as segda_adapters
+    from segda.config import DataConfig
+    from segda.evaluate import evaluate_matrix
+
+    base, first = models
+    segda("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "lora2", "--max-steps", 2, "--set", "data.batch_size=2",
+          "data.workers=0", "data.crop_size=64x64", "data.base_size=160x88", "train.seed=1", "optim.lr=0.003",
+          f"data.train={cityscapes_manifest}", f"model.name_or_path={base}")
+    second = tmp_path / "lora2" / "adapter"
+    data_cfg, opts = DataConfig(workers=0, eval_size="160x88"), InferenceOptions(eval_size=(160, 88))
+    built = []
+    real_build = segda_adapters.build_model
+    monkeypatch.setattr(segda_adapters, "build_model", lambda *a, **k: built.append(a) or real_build(*a, **k))
+
+    def scores(pairs, out):
+        report = evaluate_matrix(pairs, [("cs", str(cityscapes_manifest))], tmp_path / out, data_cfg, opts,
+                                 num_examples=0)
+        return {p["model"]: p["confusion"] for p in report["pairs"]}
+
+    together = scores([("a", str(first)), ("b", str(second)), ("a-again", str(first))], "together")
+    assert len(built) == 1, "the base must be loaded once for adapters that share it"
+    alone = {**scores([("a", str(first))], "a"), **scores([("b", str(second))], "b")}
+    assert together["a"] == alone["a"] == together["a-again"] and together["b"] == alone["b"]
+    assert together["a"] != together["b"], "two different adapters must score differently"

@@ -92,7 +92,7 @@ def test_write_report(tmp_path):
     assert loaded["class_names"] == list(CLASS_NAMES)
     assert loaded["extra"] == {"adapter_bytes": 123456, "rank": 8}
     keys = {"model", "data", "model_path", "data_spec", "miou", "iou", "pixel_accuracy", "mean_accuracy",
-            "num_samples", "num_pixels", "skipped", "confusion"}
+            "num_samples", "num_pixels", "skipped", "confusion", "protocol"}
     mious = []
     for pair, result in zip(loaded["pairs"], results):
         assert set(pair) == keys
@@ -133,3 +133,26 @@ def test_duplicate_pair_is_refused(tmp_path):
     rng = np.random.default_rng(2)
     with pytest.raises(Exception, match="appears twice"):
         write_report(tmp_path, [_result(rng, "m", "d", 0), _result(rng, "m", "d", 0)])
+
+
+@pytest.mark.parametrize("protocol,left_out", [("19", ()), ("synthia16", ("terrain", "truck", "train")),
+                                                ("synthia13", ("wall", "fence", "pole", "terrain", "truck", "train"))])
+def test_protocols_average_their_classes_from_the_full_matrix(protocol, left_out, tmp_path):
+    rng = np.random.default_rng(3)
+    gt, pred = _random_pair(rng, absent=())
+    confusion = _confusion(gt, pred)
+    full = metrics_from_confusion(confusion)
+    metrics = metrics_from_confusion(confusion, protocol)
+    kept = [c for c, name in enumerate(CLASS_NAMES) if name not in left_out]
+    assert metrics["iou"] == full["iou"]  # IoUs themselves come from the whole matrix
+    assert metrics["miou"] == pytest.approx(np.mean([full["iou"][c] for c in kept]))
+    assert metrics["protocol_classes"] == 19 - len(left_out)
+    if left_out:
+        assert metrics["miou"] != pytest.approx(full["miou"])
+    report = write_report(tmp_path, [{"model": "m", "data": "d", "model_path": "m", "data_spec": "d",
+                                      "confusion": confusion, "num_samples": 1, "skipped": 0, "examples": [],
+                                      "protocol": protocol}])
+    assert report["pairs"][0]["protocol"] == protocol and report["pairs"][0]["miou"] == metrics["miou"]
+    assert f"Protocol: {protocol} ({19 - len(left_out)} classes" in (tmp_path / "report.md").read_text()
+    with pytest.raises(Exception, match="unknown evaluation protocol"):
+        metrics_from_confusion(confusion, "synthia15")
