@@ -73,6 +73,24 @@ PROTOCOLS: dict[str, tuple[int, ...]] = {
 """Evaluation protocols: the train ids whose IoUs the mIoU averages. Every IoU still comes from the full 19x19
 confusion matrix (a terrain pixel predicted as road is still a false positive of road), as the field reports them."""
 
+SYNTHIA_TO_TRAIN_ID: dict[int, int] = {
+    3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15,
+    20: 16, 12: 17, 11: 18,
+}
+"""SYNTHIA class id (the R channel of GT/LABELS) -> train id, the table the field uses (DAFormer's
+tools/convert_datasets/synthia.py). Every other id (void, parking slot, road work, lane marking) -> IGNORE."""
+
+
+def synthia_lut() -> np.ndarray:
+    """A 65536-entry uint8 table SYNTHIA class id -> train id (its labels are 16-bit PNGs)."""
+    lut = np.full(1 << 16, IGNORE, dtype=np.uint8)
+    for synthia_id, train_id in SYNTHIA_TO_TRAIN_ID.items():
+        lut[synthia_id] = train_id
+    return lut
+
+
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+
 MAX_LABEL_ID = 33
 """Largest valid label id in a raw label image; larger values are bad input (the -1 id cannot occur in uint8 PNGs)."""
 
@@ -89,6 +107,16 @@ def label_id_lut() -> np.ndarray:
     for label_id, _, train_id, _ in LABELS:
         if label_id >= 0:
             lut[label_id] = train_id
+    return lut
+
+
+def train_to_label_id_lut() -> np.ndarray:
+    """A 256-entry uint8 table train id -> Cityscapes label id (IGNORE -> 0, "unlabeled"), the form the official
+    evaluator (cityscapesScripts) reads predictions in."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for label_id, _, train_id, _ in reversed(LABELS):  # reversed: the first label id of a train id wins
+        if label_id >= 0 and train_id != IGNORE:
+            lut[train_id] = label_id
     return lut
 
 

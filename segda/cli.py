@@ -42,22 +42,25 @@ def _int_in(low: int, high: int | None = None):
 
 
 def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write a synthetic dataset in GTA5's or Cityscapes' raw layout")
-    p.add_argument("dataset", choices=["gta5", "cityscapes"])
+    p = sub.add_parser("synth", help="write a synthetic dataset in a real dataset's raw layout")
+    p.add_argument("dataset", choices=["gta5", "cityscapes", "synthia", "acdc", "folder"])
     p.add_argument("out", help="folder to write the raw dataset into")
     p.add_argument("--num", type=_int_in(1), default=40, help="number of frames (default 40)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default 320x176 gta5, 320x160 cityscapes)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="cityscapes split folder")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="cityscapes, acdc: split folder")
+    p.add_argument("--condition", default="fog,night,rain,snow", help="acdc: comma-separated conditions")
     p.add_argument("--no-quirks", action="store_true", help="gta5: no frames with image/label size mismatch")
     p.set_defaults(run=_run_synth)
 
 
 def _run_synth(args) -> int:
-    from segda.shards.synth import synth_cityscapes, synth_gta5
+    from segda.shards import synth
 
-    folders = (["images", "labels"] if args.dataset == "gta5" else
-               [f"leftImg8bit/{args.split}", f"gtFine/{args.split}"])
+    conditions = tuple(c.strip() for c in args.condition.split(",") if c.strip())
+    folders = {"gta5": ["images", "labels"], "folder": ["images", "labels"],
+               "cityscapes": [f"leftImg8bit/{args.split}", f"gtFine/{args.split}"], "synthia": ["RGB", "GT/LABELS"],
+               "acdc": [f"rgb_anon/{c}/{args.split}" for c in conditions]}[args.dataset]
     for target in (Path(args.out) / f for f in folders):
         if target.is_dir() and any(target.iterdir()):  # a mistyped path must not replace a real dataset's frames
             raise SegdaError(f"{target} already holds frames: synth writes only into a new or empty folder; "
@@ -65,9 +68,20 @@ def _run_synth(args) -> int:
 
     kwargs = {"size": args.size} if args.size else {}
     if args.dataset == "gta5":
-        n = synth_gta5(args.out, args.num, seed=args.seed, quirks=not args.no_quirks, progress=True, **kwargs)
+        n = synth.synth_gta5(args.out, args.num, seed=args.seed, quirks=not args.no_quirks, progress=True, **kwargs)
+    elif args.dataset == "cityscapes":
+        n = synth.synth_cityscapes(args.out, args.split, args.num, seed=args.seed, progress=True, **kwargs)
+    elif args.dataset == "synthia":
+        n = synth.synth_synthia(args.out, args.num, seed=args.seed, progress=True, **kwargs)
+    elif args.dataset == "acdc":
+        from segda.classes import ACDC_CONDITIONS
+
+        if not conditions or set(conditions) - set(ACDC_CONDITIONS):
+            raise SegdaError(f"--condition {args.condition}: choose from {', '.join(ACDC_CONDITIONS)}")
+        n = synth.synth_acdc(args.out, args.split, args.num, seed=args.seed, conditions=conditions, progress=True,
+                             **kwargs)
     else:
-        n = synth_cityscapes(args.out, args.split, args.num, seed=args.seed, progress=True, **kwargs)
+        n = synth.synth_folder(args.out, args.num, seed=args.seed, progress=True, **kwargs)
     print(f"wrote {n} synthetic {args.dataset} frames to {args.out}")
     return 0
 
@@ -75,13 +89,22 @@ def _run_synth(args) -> int:
 def _add_shards(sub) -> None:
     from segda.shards.encode import IMAGE_FORMATS
 
-    p = sub.add_parser("shards", help="create WebDataset shards + manifest from a raw GTA5 or Cityscapes folder")
-    p.add_argument("dataset", choices=["gta5", "cityscapes"])
+    from segda.shards.layouts import DATASETS
+
+    p = sub.add_parser("shards", help="create WebDataset shards + manifest from a raw dataset folder")
+    p.add_argument("dataset", choices=DATASETS, help="gta5, cityscapes, synthia, acdc, folder (images + labels + "
+                   "an id map) or images (no labels)")
     p.add_argument("root", help="the raw dataset folder")
     p.add_argument("out", nargs="?", default=None, help="output folder (default shards/<dataset>)")
     p.add_argument("--split", default="train",
-                   help="cityscapes: train|val|test folder; gta5: which ids of --split-file (and the shard names)")
+                   help="cityscapes, acdc: train|val|test folder; gta5: which ids of --split-file; others: the "
+                        "shard names")
     p.add_argument("--split-file", default=None, help="gta5: the official split.mat or a text file of frame ids")
+    p.add_argument("--condition", default=None, help="acdc: comma-separated conditions (fog,night,rain,snow; "
+                   "default every one present)")
+    p.add_argument("--images", default="images", help="folder: the images' folder under ROOT (default images)")
+    p.add_argument("--labels", default="labels", help="folder: the labels' folder under ROOT (default labels)")
+    p.add_argument("--id-map", default=None, help="folder: YAML mapping label values to train ids (see README)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--workers", type=_int_in(1), default=1, help="encoder processes (default 1)")
     p.add_argument("--resize", type=_size, default=None, help="store frames at WIDTHxHEIGHT (e.g. 1280x720)")
@@ -111,8 +134,15 @@ def _run_shards(args) -> int:
     from segda.shards.writer import CreateOptions, create_shards
 
     out = args.out or f"shards/{args.dataset}"
-    encode = EncodeOptions(args.dataset, args.split, args.resize, args.image_format, args.quality)
-    opts = CreateOptions(args.shard_size, args.workers, args.strict, args.split_file)
+    from segda.shards.encode import load_id_map
+
+    if args.id_map and args.dataset != "folder":
+        raise SegdaError("--id-map is for folder datasets (`segda shards folder ROOT --id-map ids.yaml`)")
+    id_map = load_id_map(args.id_map) if args.id_map else None
+    conditions = tuple(c.strip() for c in args.condition.split(",") if c.strip()) if args.condition else None
+    encode = EncodeOptions(args.dataset, args.split, args.resize, args.image_format, args.quality, id_map)
+    opts = CreateOptions(args.shard_size, args.workers, args.strict, args.split_file, conditions, args.images,
+                         args.labels)
     create_shards(args.dataset, args.root, out, encode, opts)
     return 0
 
@@ -206,6 +236,9 @@ def _add_predict(sub) -> None:
     p.add_argument("model", help="a model folder or an adapter folder")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=["train-ids", "cityscapes"], default="train-ids",
+                   help="train-ids: masks + overlays (default); cityscapes: label-id PNGs named for the official "
+                        "evaluator (cityscapesScripts)")
     _add_inference_flags(p)
     p.set_defaults(run=_run_predict)
 
@@ -214,7 +247,7 @@ def _run_predict(args) -> int:
     from segda.predict import predict_files
 
     predict_files(args.model, args.images, args.out, _inference_options(args), base=args.base,
-                  allow_base_mismatch=args.allow_base_mismatch)
+                  allow_base_mismatch=args.allow_base_mismatch, fmt=args.format)
     return 0
 
 

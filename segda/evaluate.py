@@ -133,6 +133,10 @@ def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: Infere
     model.eval()
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # samples, skipped
+    # ACDC: one more matrix per condition (same order on every rank: the manifest's), reported beside the total
+    groups = {g: torch.zeros_like(confusion) for g in ds.groups}
+    group_samples = torch.zeros(max(len(groups), 1), dtype=torch.int64, device=device)
+    group_index = {g: i for i, g in enumerate(groups)}
     examples = []
     resize = opts.eval_size if opts.mode == "whole" else None
     loader = eval_loader(ds, data_cfg, rank=accelerator.process_index, world=accelerator.num_processes,
@@ -145,18 +149,26 @@ def evaluate_model(model, ds, data_cfg: DataConfig, accelerator, *, opts: Infere
                 continue
             labels = [lab.to(device, non_blocking=True) for lab in batch["label"]]
             logits = predict_logits(model, batch["image"], [tuple(lab.shape) for lab in labels], opts, device)
-            for image, logit, label in zip(batch["image"], logits, labels):
+            for image, logit, label, key in zip(batch["image"], logits, labels, batch["key"]):
                 pred = logit.argmax(0)
                 confusion_update(confusion, pred, label)
+                group = key.split("_", 1)[0] if groups else None
+                if group in groups:
+                    confusion_update(groups[group], pred, label)
+                    group_samples[group_index[group]] += 1
                 if len(examples) < num_examples and accelerator.is_main_process:
                     examples.append((image.numpy(), label.cpu().numpy(), pred.to(torch.uint8).cpu().numpy()))
             counts[0] += len(batch["key"])
     confusion = accelerator.reduce(confusion, reduction="sum")
     counts = accelerator.reduce(counts, reduction="sum")
+    groups = {g: accelerator.reduce(c, reduction="sum").cpu().numpy().astype(np.int64) for g, c in groups.items()}
+    group_samples = accelerator.reduce(group_samples, reduction="sum").cpu()
     model.train(was_training)
     result = metrics_from_confusion(confusion.cpu().numpy().astype(np.int64), protocol)
     return {**result, "confusion": confusion.cpu().numpy().astype(np.int64), "num_samples": int(counts[0]),
-            "skipped": int(counts[1]), "examples": examples}
+            "skipped": int(counts[1]), "examples": examples, "protocol": protocol,
+            "groups": {g: {**metrics_from_confusion(c, protocol), "confusion": c,
+                           "num_samples": int(group_samples[group_index[g]])} for g, c in groups.items()}}
 
 
 def load_any(path: str, base: str | None = None, allow_base_mismatch: bool = False):
@@ -205,7 +217,8 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
     set_main_process(accelerator.is_main_process)
     from segda.adapters import SharedBase, is_adapter
 
-    resolved = [(label, resolve_dataset(spec, allow_pipe=data_cfg.allow_pipe), spec) for label, spec in datasets]
+    resolved = [(label, resolve_dataset(spec, allow_pipe=data_cfg.allow_pipe).require_labels("evaluation"), spec)
+                for label, spec in datasets]
     results = []
     shared = SharedBase(allow_base_mismatch)  # adapters of one base: the base is loaded once
     for model_label, path in models:
@@ -220,6 +233,10 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
             info(f"  mIoU {100 * r['miou']:.1f} ({r['protocol_classes']} classes, protocol {protocol}) over "
                  f"{r['num_samples']} samples, {r['num_pixels']:,} pixels")
             results.append({**r, "model": model_label, "data": data_label, "model_path": path, "data_spec": spec})
+            for group, g in r["groups"].items():  # ACDC: each condition as its own column
+                info(f"  {group}: mIoU {100 * g['miou']:.1f} over {g['num_samples']} samples")
+                results.append({**g, "model": model_label, "data": f"{data_label}/{group}", "model_path": path,
+                                "data_spec": spec, "skipped": 0, "examples": []})
     report = {}
     if accelerator.is_main_process:
         report = write_report(out_dir, results, extra)

@@ -5,6 +5,8 @@
 
 `predict` uses the same inference options and defaults as `segda evaluate`, so its masks are exactly what
 evaluation scores: DIR/<stem>.png (uint8 train ids at the image's resolution) and DIR/<stem>_overlay.png.
+`--format cityscapes` writes what the official evaluator (cityscapesScripts' evalPixelLevelSemanticLabeling)
+reads instead: DIR/<frame>_labelIds.png of Cityscapes label ids, <frame> being the name without _leftImg8bit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from segda import atomic
-from segda.classes import colorize
+from segda.classes import colorize, train_to_label_id_lut
 from segda.data.transforms import resize_image
 from segda.evaluate import InferenceOptions, load_any, predict_logits
 from segda.log import SegdaError, info
@@ -67,13 +69,21 @@ def _name_at(path: Path, depth: int) -> str:
     return "__".join([*parents[len(parents) - depth:], path.stem]) if depth else path.stem
 
 
+FORMATS = ("train-ids", "cityscapes")
+
+
 def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts: InferenceOptions, *,
-                  base: str | None = None, allow_base_mismatch: bool = False, device: str | None = None) -> list[Path]:
+                  base: str | None = None, allow_base_mismatch: bool = False, device: str | None = None,
+                  fmt: str = "train-ids") -> list[Path]:
+    if fmt not in FORMATS:
+        raise SegdaError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any(model_path, base, allow_base_mismatch).to(device).eval()
     out_dir = Path(out_dir)
     written = []
     names = output_names(images)
+    if fmt == "cityscapes":
+        names = {path: stem.removesuffix("_leftImg8bit") + "_labelIds" for path, stem in names.items()}
     inputs = {p.resolve() for p in names}
     for stem in names.values():
         for target in (out_dir / f"{stem}.png", out_dir / f"{stem}_overlay.png"):
@@ -84,12 +94,18 @@ def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts:
         shown = resize_image(rgb, opts.eval_size) if opts.mode == "whole" else rgb
         logits = predict_logits(model, [torch.from_numpy(shown)], [rgb.shape[:2]], opts, device)[0]
         mask = logits.argmax(0).to(torch.uint8).cpu().numpy()
-        overlay = (0.5 * rgb + 0.5 * colorize(mask)).astype(np.uint8)
-        _write_png(out_dir / f"{stem}.png", mask)
-        _write_png(out_dir / f"{stem}_overlay.png", overlay)
+        if fmt == "cityscapes":  # label ids only: an overlay would match the evaluator's file search too
+            _write_png(out_dir / f"{stem}.png", cv2.LUT(mask, _TO_LABEL_ID))
+        else:
+            _write_png(out_dir / f"{stem}.png", mask)
+            _write_png(out_dir / f"{stem}_overlay.png", (0.5 * rgb + 0.5 * colorize(mask)).astype(np.uint8))
         written.append(out_dir / f"{stem}.png")
-    info(f"wrote {len(written)} mask(s) and overlay(s) to {out_dir}")
+    info(f"wrote {len(written)} mask(s) to {out_dir}" + (" (Cityscapes label ids)" if fmt == "cityscapes" else
+                                                         " and overlays"))
     return written
+
+
+_TO_LABEL_ID = train_to_label_id_lut()
 
 
 def export_merged(adapter_dir: str, out_dir: str | Path, *, base: str | None = None,

@@ -116,7 +116,10 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
     set_main_process(int(os.environ.get("RANK", "0")) == 0)
     train_ds = with_counts(resolve_dataset(cfg.data.train, allow_pipe=cfg.data.allow_pipe),
                            allow_pipe=cfg.data.allow_pipe)
+    train_ds.require_labels("data.train (supervised training)")
     val_ds = resolve_dataset(cfg.data.val, allow_pipe=cfg.data.allow_pipe) if cfg.data.val else None
+    if val_ds is not None:
+        val_ds.require_labels("data.val (evaluation)")
 
     if val_ds is not None and cfg.train.eval_max_samples and not val_ds.counts_known:
         raise SegdaError(f"train.eval_max_samples needs per-shard counts: point data.val at the manifest of "

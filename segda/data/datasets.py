@@ -54,6 +54,17 @@ class Dataset:
 
     _starts: np.ndarray | None = field(default=None, init=False, repr=False)
 
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """ACDC's conditions (sample keys start with `<condition>_`): evaluation reports each one too."""
+        return tuple((self.manifest or {}).get("conditions") or ())
+
+    def require_labels(self, use: str) -> "Dataset":
+        if (self.manifest or {}).get("labeled") is False:
+            raise SegdaError(f"{self.spec} holds unlabeled images (made by `segda shards images`): {use} needs "
+                             "labelled shards")
+        return self
+
 
 def resolve_dataset(spec: str, *, allow_pipe: bool = False) -> Dataset:
     if not spec:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from segda import codec
-from segda.classes import IGNORE, MAX_LABEL_ID, NUM_CLASSES, label_id_lut
+from segda.classes import IGNORE, MAX_LABEL_ID, NUM_CLASSES, label_id_lut, synthia_lut
 from segda.shards.layouts import RawSample
 
 IMAGE_FORMATS = ("pxz", "keep", "png", "bmp", "jpg", "webp")
@@ -51,6 +51,8 @@ class EncodeOptions:
     ~1.6x its size; jpg/webp: lossy, ~7x faster to decode and ~10x smaller."""
     quality: int = 90
     """JPEG/WebP quality for the lossy formats."""
+    id_map: dict | None = None
+    """folder datasets: {"ids": [[label value, train id], ...], "others": "error" | "ignore"} (see load_id_map)."""
 
 
 @dataclass
@@ -65,31 +67,126 @@ def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
     """Validate, remap and encode one sample; raise BadSample naming the problem."""
     image_bytes = _read(sample.image, "image")
     image_size, pixels = _check_image(image_bytes, sample, opts)
-    ids = _read_label_ids(sample)
-    if (ids.shape[1], ids.shape[0]) != image_size:
-        raise BadSample(f"image is {image_size[0]}x{image_size[1]} but label is {ids.shape[1]}x{ids.shape[0]}")
-    top = int(ids.max())
-    if top > MAX_LABEL_ID:
-        bad = np.unique(ids[ids > MAX_LABEL_ID])[:5].tolist()
-        raise BadSample(f"label ids {bad} are outside the Cityscapes table (0..{MAX_LABEL_ID})", "label")
-    train_ids = cv2.LUT(ids, _LUT)
+    train_ids = None if sample.label is None else _train_ids(sample, opts)
+    if train_ids is not None and (train_ids.shape[1], train_ids.shape[0]) != image_size:
+        raise BadSample(f"image is {image_size[0]}x{image_size[1]} but label is "
+                        f"{train_ids.shape[1]}x{train_ids.shape[0]}")
     ext = _image_ext(sample, opts)
     if opts.resize is not None or opts.image_format != "keep":
         image_bytes = _reencode(pixels, opts, ext)
-        if opts.resize is not None:
-            train_ids = cv2.resize(train_ids, opts.resize, interpolation=cv2.INTER_NEAREST)
-    counts = cv2.calcHist([train_ids], [0], None, [256], [0, 256]).ravel().astype(np.int64)  # 4x np.bincount
-    ok, label_png = cv2.imencode(".png", train_ids, _LABEL_PNG)
-    assert ok, "cv2 failed to encode a uint8 label"
+    size = list(opts.resize) if opts.resize is not None else list(image_size)
     meta = {
         "key": sample.key, "dataset": opts.dataset, "split": opts.split,
         "image_file": sample.rel(sample.image), "label_file": sample.rel(sample.label),
-        "original_size": list(image_size), "size": [train_ids.shape[1], train_ids.shape[0]],
-        "image_format": ext,
+        "original_size": list(image_size), "size": size, "image_format": ext,
     }
-    members = [(f"{sample.key}.{ext}", image_bytes), (f"{sample.key}.label.png", label_png.tobytes()),
-               (f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode())]
+    if sample.group is not None:
+        meta["condition"] = sample.group
+    members = [(f"{sample.key}.{ext}", image_bytes)]
+    counts = np.zeros(256, np.int64)
+    if train_ids is not None:
+        if opts.resize is not None:
+            train_ids = cv2.resize(train_ids, opts.resize, interpolation=cv2.INTER_NEAREST)
+        counts = cv2.calcHist([train_ids], [0], None, [256], [0, 256]).ravel().astype(np.int64)  # 4x np.bincount
+        ok, label_png = cv2.imencode(".png", train_ids, _LABEL_PNG)
+        assert ok, "cv2 failed to encode a uint8 label"
+        members.append((f"{sample.key}.label.png", label_png.tobytes()))
+    members.append((f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode()))
     return Encoded(sample.key, members, counts[:NUM_CLASSES].astype(np.int64), int(counts[IGNORE]))
+
+
+def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
+    """The sample's label as uint8 train ids (0-18, IGNORE), read the way its dataset stores it."""
+    if opts.dataset in ("gta5", "cityscapes"):
+        ids = _read_label_ids(sample)
+        if int(ids.max()) > MAX_LABEL_ID:
+            bad = np.unique(ids[ids > MAX_LABEL_ID])[:5].tolist()
+            raise BadSample(f"label ids {bad} are outside the Cityscapes table (0..{MAX_LABEL_ID})", "label")
+        return cv2.LUT(ids, _LUT)
+    if opts.dataset == "acdc":  # *_gt_labelTrainIds.png: already train ids
+        ids = _read_label_ids(sample)
+        bad = np.setdiff1d(np.unique(ids), _TRAIN_ID_VALUES)
+        if bad.size:
+            raise BadSample(f"label values {bad[:5].tolist()} are not train ids (0-18, 255): is this the "
+                            "_gt_labelTrainIds.png file?", "label")
+        return ids
+    raw = _read_label_unchanged(sample)
+    if opts.dataset == "synthia":  # 16-bit PNG whose first (R) channel holds the class id; cv2 reads BGR
+        if raw.ndim != 3 or raw.shape[2] < 3:
+            raise BadSample(f"SYNTHIA label must be a 3-channel PNG with the class id in R, got shape {raw.shape}",
+                            "label")
+        return _SYNTHIA_LUT[raw[..., 2]]
+    if opts.dataset == "folder":
+        if raw.ndim != 2:
+            raise BadSample(f"label must be a single-channel PNG of label values, got shape {raw.shape}", "label")
+        lut, strict = _id_map_lut(opts.id_map)
+        if strict:
+            bad = np.unique(raw)[lut[np.unique(raw)] == _UNMAPPED]
+            if bad.size:
+                raise BadSample(f"label values {bad[:5].tolist()} are not in the id map (add them, or set "
+                                "`others: ignore` to map every unlisted value to 255)", "label")
+        return np.where(lut[raw] == _UNMAPPED, IGNORE, lut[raw]).astype(np.uint8)
+    raise BadSample(f"dataset {opts.dataset!r} has no labels", "label")
+
+
+def _read_label_unchanged(sample: RawSample) -> np.ndarray:
+    _regular(sample.label, "label")
+    if os.path.getsize(sample.label) == 0:
+        raise BadSample("empty label file (0 bytes)", "label")
+    raw = cv2.imread(str(sample.label), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.dtype not in (np.uint8, np.uint16):
+        raise BadSample("unreadable label: not an 8- or 16-bit PNG", "label")
+    return raw
+
+
+_TRAIN_ID_VALUES = np.array([*range(NUM_CLASSES), IGNORE])
+_SYNTHIA_LUT = synthia_lut()
+_UNMAPPED = 1 << 15  # outside every train id, in the int32 tables of id maps
+_ID_MAPS: dict[str, tuple[np.ndarray, bool]] = {}
+
+
+def _id_map_lut(id_map: dict | None) -> tuple[np.ndarray, bool]:
+    if not id_map:
+        raise BadSample("a folder dataset needs an id map (--id-map ids.yaml)", "label")
+    key = json.dumps(id_map, sort_keys=True)
+    if key not in _ID_MAPS:
+        lut = np.full(1 << 16, _UNMAPPED, dtype=np.int32)
+        for value, train_id in id_map["ids"]:
+            lut[value] = train_id
+        _ID_MAPS[key] = (lut, id_map.get("others", "error") == "error")
+    return _ID_MAPS[key]
+
+
+def load_id_map(path) -> dict:
+    """Read a folder dataset's id map: YAML `ids: {label value: train id}` and `others: error | ignore`.
+
+        ids: {0: 255, 1: 0, 2: 1, 7: 13}   # label value (0-65535) -> train id (0-18, or 255 to leave out)
+        others: error                        # a value not listed: error (the sample is skipped) or ignore (255)
+    """
+    import yaml
+
+    from segda.log import SegdaError
+
+    try:
+        data = yaml.safe_load(open(path).read())
+    except OSError as err:
+        raise SegdaError(f"cannot read the id map {path}: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        raise SegdaError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), dict) or not data["ids"]:
+        raise SegdaError(f"{path}: expected `ids: {{label value: train id, ...}}` (and optionally "
+                         "`others: error | ignore`)")
+    pairs = []
+    for value, train_id in data["ids"].items():
+        if not (isinstance(value, int) and 0 <= value < 1 << 16) or not (
+                isinstance(train_id, int) and (0 <= train_id < NUM_CLASSES or train_id == IGNORE)):
+            raise SegdaError(f"{path}: ids entry {value!r}: {train_id!r} must map a label value (0-65535) to a "
+                             f"train id (0-{NUM_CLASSES - 1}, or {IGNORE} to leave it out)")
+        pairs.append([value, train_id])
+    others = data.get("others", "error")
+    if others not in ("error", "ignore") or set(data) - {"ids", "others"}:
+        raise SegdaError(f"{path}: only `ids` and `others` (error or ignore) are allowed")
+    return {"ids": sorted(pairs), "others": others}
 
 
 def _read(path, what: str) -> bytes:

@@ -4,6 +4,11 @@ GTA5:        ROOT/images/00001.png + ROOT/labels/00001.png (palette PNG of Citys
              optional split: the official split.mat (trainIds/valIds/testIds) or a text file of ids.
 Cityscapes:  ROOT/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png +
              ROOT/gtFine/<split>/<city>/<name>_gtFine_labelIds.png
+SYNTHIA:     ROOT/RGB/0000000.png + ROOT/GT/LABELS/0000000.png (SYNTHIA-RAND-CITYSCAPES; 16-bit, class id in R)
+ACDC:        ROOT/rgb_anon/<condition>/<split>/<sequence>/<name>_rgb_anon.png +
+             ROOT/gt/<condition>/<split>/<sequence>/<name>_gt_labelTrainIds.png (keys: <condition>_<name>)
+folder:      ROOT/<images>/**/NAME.{png,jpg,...} + ROOT/<labels>/**/NAME.png, label values mapped by an id map
+images:      every image under ROOT, without labels (unlabeled target data)
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from pathlib import Path
 
 from segda.log import SegdaError
 
-DATASETS = ("gta5", "cityscapes")
+DATASETS = ("gta5", "cityscapes", "synthia", "acdc", "folder", "images")
+LABELED = ("gta5", "cityscapes", "synthia", "acdc", "folder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -21,11 +28,14 @@ class RawSample:
     key: str
     """Unique, stable sample key inside the shards (no dots: webdataset splits member names at the first dot)."""
     image: Path
-    label: Path
+    label: Path | None
+    """None for image-only datasets."""
     root: Path
+    group: str | None = None
+    """ACDC: the weather condition (fog, night, rain, snow), for per-condition reports."""
 
-    def rel(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+    def rel(self, path: Path | None) -> str | None:
+        return None if path is None else path.relative_to(self.root).as_posix()
 
 
 @dataclass(frozen=True)
@@ -35,18 +45,29 @@ class Orphan:
     reason: str
 
 
-def find_samples(dataset: str, root: str | Path, split: str, split_file: str | Path | None = None
+def find_samples(dataset: str, root: str | Path, split: str, split_file: str | Path | None = None, *,
+                 conditions: tuple[str, ...] | None = None, images: str = "images", labels: str = "labels"
                  ) -> tuple[list[RawSample], list[Orphan]]:
     """Return the complete pairs sorted by key, and the orphans, of one split of a raw dataset."""
     root = Path(root)
     if not root.is_dir():
         raise SegdaError(f"dataset root {root} does not exist or is not a folder")
+    if split_file is not None and dataset != "gta5":
+        raise SegdaError(f"--split-file is for GTA5 only; {dataset} splits are its folders (--split)")
+    if conditions is not None and dataset != "acdc":
+        raise SegdaError("--condition is for ACDC only")
     if dataset == "gta5":
         return _gta5(root, split, split_file)
     if dataset == "cityscapes":
-        if split_file is not None:
-            raise SegdaError("--split-file is for GTA5 only; Cityscapes splits are its folders (--split train|val|test)")
         return _cityscapes(root, split)
+    if dataset == "synthia":
+        return _synthia(root)
+    if dataset == "acdc":
+        return _acdc(root, split, conditions)
+    if dataset == "folder":
+        return _folder(root, images, labels)
+    if dataset == "images":
+        return _images(root)
     raise SegdaError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -114,6 +135,87 @@ def _cityscapes(root: Path, split: str) -> tuple[list[RawSample], list[Orphan]]:
     if not images and not labels:
         raise SegdaError(f"{image_dir} and {label_dir} hold no Cityscapes frames")
     return _pair(root, images, labels, [])
+
+
+def _synthia(root: Path) -> tuple[list[RawSample], list[Orphan]]:
+    image_dir, label_dir = root / "RGB", root / "GT" / "LABELS"
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise SegdaError(f"{root} is not a SYNTHIA-RAND-CITYSCAPES folder: expected {image_dir}/0000000.png and "
+                         f"{label_dir}/0000000.png (the RAND_CITYSCAPES release, or `segda synth synthia ROOT`)")
+    images = {p.stem: p for p in image_dir.glob("*.png")}
+    labels = {p.stem: p for p in label_dir.glob("*.png")}
+    if not images and not labels:
+        raise SegdaError(f"{image_dir} and {label_dir} hold no .png files: is {root} the SYNTHIA root?")
+    return _pair(root, images, labels, [])
+
+
+def _acdc(root: Path, split: str, conditions) -> tuple[list[RawSample], list[Orphan]]:
+    from segda.classes import ACDC_CONDITIONS
+
+    unknown = sorted(set(conditions or ()) - set(ACDC_CONDITIONS))
+    if unknown:
+        raise SegdaError(f"--condition {','.join(unknown)}: ACDC's conditions are {', '.join(ACDC_CONDITIONS)}")
+    if not (root / "rgb_anon").is_dir():
+        raise SegdaError(f"{root} is not an ACDC folder: expected {root}/rgb_anon/<condition>/{split}/<sequence>/"
+                         f"<name>_rgb_anon.png and {root}/gt/<condition>/{split}/<sequence>/"
+                         "<name>_gt_labelTrainIds.png (the rgb_anon + gt packages, or `segda synth acdc ROOT`)")
+    pairs, orphans = [], []
+    for condition in conditions or ACDC_CONDITIONS:
+        image_dir, label_dir = root / "rgb_anon" / condition / split, root / "gt" / condition / split
+        if conditions is None and not image_dir.is_dir() and not label_dir.is_dir():
+            continue  # not every condition has to be downloaded
+        images = {f"{condition}_{p.name[:-len('_rgb_anon.png')]}": p
+                  for p in image_dir.glob("*/*_rgb_anon.png")}
+        labels = {f"{condition}_{p.name[:-len('_gt_labelTrainIds.png')]}": p
+                  for p in label_dir.glob("*/*_gt_labelTrainIds.png")}
+        if not images and not labels:
+            raise SegdaError(f"{image_dir} holds no ACDC frames of split {split!r}")
+        found, lost = _pair(root, images, labels, [])
+        pairs += [RawSample(s.key, s.image, s.label, root, condition) for s in found]
+        orphans += lost
+    if not pairs and not orphans:
+        raise SegdaError(f"{root}/rgb_anon has no condition with split {split!r}")
+    return sorted(pairs, key=lambda s: s.key), orphans
+
+
+def _key_of(relative: Path) -> str:
+    """A file's path under its folder as a sample key: no dots (webdataset splits names at the first one)."""
+    return "_".join(relative.with_suffix("").parts).replace(".", "_")
+
+
+def _files(folder: Path, suffixes) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in suffixes and not path.name.startswith("."):
+            key = _key_of(path.relative_to(folder))
+            if key in found:
+                raise SegdaError(f"{found[key]} and {path} would get the same sample key {key!r}: rename one")
+            found[key] = path
+    return found
+
+
+def _folder(root: Path, images: str, labels: str) -> tuple[list[RawSample], list[Orphan]]:
+    image_dir, label_dir = root / images, root / labels
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise SegdaError(f"{root} has no {image_dir.name}/ and {label_dir.name}/ folders: a folder dataset is "
+                         f"ROOT/{images}/NAME.png (or .jpg ...) with ROOT/{labels}/NAME.png; name them with --images "
+                         "and --labels")
+    found_images, found_labels = _files(image_dir, IMAGE_SUFFIXES), _files(label_dir, (".png",))
+    if not found_images and not found_labels:
+        raise SegdaError(f"{image_dir} and {label_dir} hold no images")
+    return _pair(root, found_images, found_labels, [])
+
+
+def _images(root: Path) -> tuple[list[RawSample], list[Orphan]]:
+    found = _files(root, IMAGE_SUFFIXES)
+    if not found:
+        raise SegdaError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    # The file name is the key when it is unique (a Cityscapes leftImg8bit tree: its frame names), else the path.
+    stems = [_key_of(Path(path.name)).removesuffix("_leftImg8bit").removesuffix("_rgb_anon")
+             for path in found.values()]
+    keys = stems if len(set(stems)) == len(stems) else list(found)
+    return sorted((RawSample(key, path, None, root) for key, path in zip(keys, found.values())),
+                  key=lambda s: s.key), []
 
 
 def _pair(root: Path, images: dict, labels: dict, orphans: list[Orphan]) -> tuple[list[RawSample], list[Orphan]]:

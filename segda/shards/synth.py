@@ -21,7 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from segda import atomic
-from segda.classes import label_id_palette
+from segda.classes import (ACDC_CONDITIONS, IGNORE, NUM_CLASSES, SYNTHIA_TO_TRAIN_ID, label_id_lut,
+                           label_id_palette)
 
 # Cityscapes label ids drawn here (void ones included: they must map to 255 downstream).
 (UNLABELED, EGO, STATIC, GROUND, ROAD, SIDEWALK, PARKING, RAIL, BUILDING, WALL, FENCE, GUARD_RAIL, POLE, LIGHT,
@@ -491,3 +492,97 @@ def _real_city_names(split: str, num: int) -> list[tuple[str, str]]:
         city, seq = slots[i % len(slots)]
         named.append((city, f"{city}_{seq + 1000 * (i // len(slots)):06d}_{19:06d}"))
     return named
+
+
+# ---- more domains: SYNTHIA, ACDC, a plain folder (the field's other benchmarks; the creators' tests) --------
+
+_TRAIN_TO_SYNTHIA = {train: synthia for synthia, train in SYNTHIA_TO_TRAIN_ID.items()}
+_LABEL_LUT = label_id_lut()
+
+
+def _png16(array: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok, "cv2 failed to encode a 16-bit PNG"
+    return buf.tobytes()
+
+
+def synthia_label(label_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SYNTHIA's label encoding of a Cityscapes label-id map: (H, W, 3) uint16 in cv2's BGR order, the class id
+    in R (channel 2), an instance id in G. Parking becomes SYNTHIA's parking slot (13), other void pixels 0 or
+    lane marking (22): ids the train-id table leaves out."""
+    train = _LABEL_LUT[label_ids]
+    synthia = np.zeros(train.shape, np.uint16)
+    for train_id, synthia_id in _TRAIN_TO_SYNTHIA.items():
+        synthia[train == train_id] = synthia_id
+    synthia[label_ids == 9] = 13
+    void = train == IGNORE
+    synthia[void & (rng.random(train.shape) < 0.1)] = 22
+    instance = rng.integers(0, 300, train.shape, dtype=np.uint16) * (synthia > 0)
+    return np.stack([np.zeros_like(synthia), instance, synthia], axis=-1)
+
+
+def synth_synthia(out: str | Path, num: int, size: tuple[int, int] = (320, 190), seed: int = 0,
+                  progress: bool = False) -> int:
+    """Write `num` frames in SYNTHIA-RAND-CITYSCAPES' layout: OUT/RGB/0000000.png + OUT/GT/LABELS/0000000.png."""
+    _check(num, size)
+    out = Path(out)
+    for i in tqdm(range(num), desc="synth synthia", disable=not progress):
+        rng = np.random.default_rng([seed, i, 11])
+        img, lab = _render(size, _GTA5, rng)
+        atomic.write_bytes(out / "RGB" / f"{i:07d}.png", _png(img))
+        atomic.write_bytes(out / "GT" / "LABELS" / f"{i:07d}.png", _png16(synthia_label(lab, rng)))
+    return num
+
+
+def _weather(img: np.ndarray, condition: str, rng: np.random.Generator) -> np.ndarray:
+    x = img.astype(np.float32)
+    if condition == "fog":
+        x = 0.45 * x + 0.55 * 200
+    elif condition == "night":
+        x = 0.25 * x + rng.normal(0, 6, x.shape)
+    elif condition == "rain":
+        x = 0.8 * x + (rng.random(x.shape[:2]) < 0.02)[..., None] * 90
+    elif condition == "snow":
+        x = 0.7 * x + 70 + (rng.random(x.shape[:2]) < 0.03)[..., None] * 120
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def synth_acdc(out: str | Path, split: str, num: int, size: tuple[int, int] = (320, 160), seed: int = 0,
+               conditions: tuple[str, ...] = ACDC_CONDITIONS, progress: bool = False) -> int:
+    """Write `num` frames per condition in ACDC's layout: OUT/rgb_anon/<condition>/<split>/<sequence>/
+    <name>_rgb_anon.png and OUT/gt/... /<name>_gt_labelTrainIds.png (8-bit train ids)."""
+    _check(num, size)
+    out = Path(out)
+    for c, condition in enumerate(conditions):
+        for i in tqdm(range(num), desc=f"synth acdc {condition}", disable=not progress):
+            rng = np.random.default_rng([seed, i, 13, c])
+            img, lab = _render(size, _CITY, rng)
+            sequence = f"GOPR{400 + c * 10 + i % 3:04d}"
+            name = f"{sequence}_frame_{i:06d}"
+            folder = Path(condition) / split / sequence
+            atomic.write_bytes(out / "rgb_anon" / folder / f"{name}_rgb_anon.png", _png(_weather(img, condition, rng)))
+            atomic.write_bytes(out / "gt" / folder / f"{name}_gt_labelTrainIds.png", _png(_LABEL_LUT[lab]))
+    return num * len(conditions)
+
+
+FOLDER_OFFSET = 100
+"""synth_folder's label values: train id + 100, and 0 for pixels to leave out (its ids.yaml says so)."""
+
+
+def synth_folder(out: str | Path, num: int, size: tuple[int, int] = (320, 160), seed: int = 0,
+                 progress: bool = False) -> int:
+    """A team's own data: OUT/images/frame_000.jpg, OUT/labels/frame_000.png (8-bit values of its own) and
+    OUT/ids.yaml mapping those values to train ids, for `segda shards folder OUT --id-map OUT/ids.yaml`."""
+    _check(num, size)
+    out = Path(out)
+    for i in tqdm(range(num), desc="synth folder", disable=not progress):
+        img, lab = _render(size, _CITY, np.random.default_rng([seed, i, 17]))
+        train = _LABEL_LUT[lab]
+        values = np.where(train == IGNORE, 0, train.astype(np.int32) + FOLDER_OFFSET).astype(np.uint8)
+        ok, jpg = cv2.imencode(".jpg", img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        atomic.write_bytes(out / "images" / f"frame_{i:03d}.jpg", jpg.tobytes())
+        atomic.write_bytes(out / "labels" / f"frame_{i:03d}.png", _png(values))
+    ids = {0: IGNORE, **{FOLDER_OFFSET + t: t for t in range(NUM_CLASSES)}}
+    atomic.write_text(out / "ids.yaml", "# label value -> train id (255: leave out)\nids:\n" +
+                      "".join(f"  {value}: {train}\n" for value, train in ids.items()) + "others: error\n")
+    return num

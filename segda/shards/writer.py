@@ -31,7 +31,7 @@ from segda import atomic
 from segda.classes import CLASS_NAMES, NUM_CLASSES
 from segda.log import SegdaError, info, warn
 from segda.shards.encode import BadSample, EncodeOptions, Encoded, encode_sample
-from segda.shards.layouts import Orphan, RawSample, find_samples
+from segda.shards.layouts import LABELED, Orphan, RawSample, find_samples
 
 MANIFEST_FORMAT = "segda.shards/2"
 """/2 adds each shard's "samples": [key, byte offset, byte size] per sample, for random access. Readers accept /1."""
@@ -49,6 +49,12 @@ class CreateOptions:
     """Stop at the first bad sample instead of skipping and reporting it."""
     split_file: str | None = None
     """GTA5 only: split.mat or a text file of frame ids."""
+    conditions: tuple[str, ...] | None = None
+    """ACDC only: the weather conditions to include (default: every one present)."""
+    images: str = "images"
+    """folder datasets: the images' folder under the root."""
+    labels: str = "labels"
+    """folder datasets: the labels' folder under the root."""
 
 
 def manifest_path(out: str | Path, split: str) -> Path:
@@ -60,10 +66,13 @@ def create_shards(dataset: str, root: str | Path, out: str | Path, encode: Encod
     """Create the shards and manifest of one split; return the manifest (also written to disk)."""
     if opts.shard_size < 1:
         raise SegdaError(f"--shard-size must be at least 1 (got {opts.shard_size})")
-    samples, orphans = find_samples(dataset, root, encode.split, opts.split_file)
+    samples, orphans = find_samples(dataset, root, encode.split, opts.split_file, conditions=opts.conditions,
+                                    images=opts.images, labels=opts.labels)
     _report_orphans(orphans, opts.strict)
     if not samples:
         raise SegdaError(f"no complete (image, label) pairs found under {root} for split {encode.split!r}")
+    if dataset == "folder" and encode.id_map is None:
+        raise SegdaError("a folder dataset needs --id-map ids.yaml: which label value is which train id")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale(out, prefix=f"{encode.split}-")
@@ -179,6 +188,7 @@ def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results,
         "skipped": [asdict(r) for r in results if isinstance(r, Orphan)],
         "keys": [s.key for s in shard], "fingerprint": fingerprint, "samples": sample_ranges,
         "inputs": _inputs_digest(shard),
+        "conditions": sorted({s.group for s in shard if s.group}),
     }
     # The part record is written after the shard: a record always describes a complete shard.
     atomic.write_json(parts / f"{split}-{index:06d}.json", record)
@@ -218,7 +228,7 @@ def _inputs_digest(shard: list[RawSample]) -> str:
     the shard only if these are unchanged, so an edited frame is never served from an old shard."""
     digest = hashlib.sha256()
     for sample in shard:
-        for path in (sample.image, sample.label):
+        for path in (p for p in (sample.image, sample.label) if p is not None):
             try:
                 st = os.stat(path)
                 digest.update(f"{sample.rel(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -257,13 +267,17 @@ def _manifest(dataset, root, encode: EncodeOptions, opts: CreateOptions, records
         "num_samples": sum(r["num_samples"] for r in records),
         "num_shards": len(records),
         "shards": [{k: r[k] for k in ("url", "num_samples", "bytes", "sha256", "samples")} for r in records],
+        "labeled": dataset in LABELED,
         "class_names": list(CLASS_NAMES),
         "class_pixels": class_pixels,
         "ignore_pixels": int(sum(r["ignore_pixels"] for r in records)),
         "num_skipped": len(skipped),
         "skipped": skipped,
         "options": {**asdict(encode), "shard_size": opts.shard_size, "split_file": opts.split_file,
-                    "source_root": str(Path(root).resolve())},
+                    "source_root": str(Path(root).resolve()),
+                    **({"conditions": list(opts.conditions)} if opts.conditions else {})},
+        **({"conditions": sorted({r_c for r in records for r_c in r.get("conditions", [])})}
+           if dataset == "acdc" else {}),
         "segda_version": segda.__version__,
     }
 
