@@ -305,6 +305,11 @@ def _add_bench(sub) -> None:
     train.add_argument("--device", default=None)
     train.add_argument("--compile", action="store_true", help="also time segda's step under torch.compile")
     train.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    adapters = kinds.add_parser("adapters", help="evaluating adapters of one base: shared base vs reloading it")
+    adapters.add_argument("adapters", nargs="+", help="adapter folders of the same base")
+    adapters.add_argument("--data", required=True, help="a manifest to evaluate on")
+    adapters.add_argument("--eval-size", type=_size, default=(1024, 512))
+    adapters.add_argument("--repeats", type=_int_in(1), default=3)
     codec = kinds.add_parser("codec", help="PXZ, the default shard codec, vs PNG: bytes and decode time per image")
     codec.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...): use frames of your own dataset")
     codec.add_argument("--repeats", type=_int_in(1), default=7)
@@ -334,6 +339,8 @@ def _run_bench(args) -> int:
     if args.kind == "loader":
         bench.bench_loader(args.data, args.raw, args.workers, args.crop, args.batch, args.samples, args.repeats,
                            args.base_size, args.crops_per_frame)
+    elif args.kind == "adapters":
+        bench.bench_adapters(args.adapters, args.data, args.repeats, args.eval_size)
     elif args.kind == "codec":
         bench.bench_codec(args.images, args.repeats)
     elif args.kind == "train":

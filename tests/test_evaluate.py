@@ -214,3 +214,6 @@ def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models
     alone = {**scores([("a", str(first))], "a"), **scores([("b", str(second))], "b")}
     assert together["a"] == alone["a"] == together["a-again"] and together["b"] == alone["b"]
     assert together["a"] != together["b"], "two different adapters must score differently"
+    proc = segda("bench", "adapters", first, second, "--data", cityscapes_manifest, "--eval-size", "160x88",
+                 "--repeats", 1)
+    assert "identical scores: True" in proc.stderr and "evaluate adapters speed" in proc.stdout
