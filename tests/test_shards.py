@@ -254,7 +254,7 @@ def test_manifest_matches_the_shards(made, quirky):
     else:
         assert manifest["skipped"] == [] and manifest["num_skipped"] == 0
     assert manifest["options"] == {"dataset": dataset, "split": "train", "resize": None, "image_format": "pxz",
-                                   "quality": 90, "shard_size": SHARD, "split_file": None,
+                                   "quality": 90, "id_map": None, "shard_size": SHARD, "split_file": None,
                                    "source_root": str(root.resolve())}
     leftovers = [p.name for p in out.iterdir() if atomic.TMP_MARK in p.name or p.name == writer.PARTS_DIR]
     assert leftovers == []
