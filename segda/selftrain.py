@@ -1,0 +1,115 @@
+"""The pieces of LoRA self-training (DACS / DAFormer style), each small and testable on its own.
+
+    momentum = ema_momentum(step)                      # warm-up: min(1 - 1/(t+1), alpha)
+    ema_update(teacher_tensors, student_tensors, momentum)
+    labels, weight = pseudo_labels(teacher_logits)     # confidence weight per image (share of pixels >= 0.968)
+    mask = class_mix_mask(source_label, generator)     # half of the source frame's classes
+    image, label, weight = class_mix(mask, source_image, source_label, target_image, labels, weight)
+    probabilities = rare_class_probabilities(class_pixels)   # P(c) ~ exp((1 - f_c) / T)
+
+Everything runs on tensors of the device the batch is on and none of it waits for the device (no .item(), no
+data-dependent shapes in the mixing), so the training step stays free of host-device syncs. Not yet wired into
+`segda adapt` (issue 13): these are the pieces the method will be built from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segda.classes import IGNORE, NUM_CLASSES
+
+ALPHA = 0.999
+"""DAFormer's EMA momentum of the teacher."""
+THRESHOLD = 0.968
+"""DAFormer's pseudo-label confidence threshold."""
+TEMPERATURE = 0.01
+"""DAFormer's rare-class sampling temperature."""
+
+
+def ema_momentum(step: int, alpha: float = ALPHA) -> float:
+    """The teacher's momentum at optimizer step `step` (0-based): min(1 - 1/(t+1), alpha). At step 0 it is 0, so
+    the teacher starts as a copy of the student; early steps follow the student closely."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return min(1.0 - 1.0 / (step + 1), alpha)
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, in place, one fused op per list."""
+    if len(teacher) != len(student):
+        raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}")
+    torch._foreach_mul_(teacher, momentum)
+    torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def pseudo_labels(logits: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits (B, C, H, W) -> (labels (B, H, W) int64, weight (B, H, W) float): every pixel of an image
+    weighs the share of that image's pixels whose top softmax probability is >= threshold (DAFormer)."""
+    confidence, labels = F.softmax(logits.float(), dim=1).max(dim=1)
+    share = (confidence >= threshold).float().mean(dim=(1, 2))
+    return labels, share[:, None, None].expand_as(confidence).contiguous()
+
+
+def class_mix_mask(source_label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(H, W) source train ids -> bool mask of the pixels of half its classes (DACS: ceil(n/2) of the n classes
+    present, IGNORE never chosen), drawn with `generator`. Runs in the loader (CPU), where `unique` costs no sync."""
+    classes = torch.unique(source_label)
+    classes = classes[classes != IGNORE]
+    chosen = classes[torch.randperm(len(classes), generator=generator)[:(len(classes) + 1) // 2]]
+    return torch.isin(source_label, chosen)
+
+
+def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torch.Tensor,
+              target_image: torch.Tensor, target_label: torch.Tensor, target_weight: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste the masked source pixels into the target frame: image, label and weight through the same mask.
+    Images (B, 3, H, W), labels and weights (B, H, W), mask (B, H, W) bool. Pasted pixels weigh 1."""
+    image = torch.where(mask[:, None], source_image, target_image)
+    label = torch.where(mask, source_label.long(), target_label.long())
+    weight = torch.where(mask, torch.ones_like(target_weight), target_weight)
+    return image, label, weight
+
+
+def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
+    """DACS' strong augmentation of the mixed images, on the device: colour jitter (brightness, contrast,
+    saturation; strength 0.2 as DACS) and, with probability `blur_p`, a Gaussian blur (sigma 0.15-1.15).
+    `images` are normalised (B, 3, H, W); statistics stay per image."""
+    b = images.shape[0]
+    device = images.device
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(b, 1, 1, 1, generator=generator)).to(device)
+
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    out = images + draw(-0.2, 0.2)  # brightness
+    out = (out - mean) * draw(0.8, 1.2) + mean  # contrast
+    grey = out.mean(dim=1, keepdim=True)
+    out = (out - grey) * draw(0.8, 1.2) + grey  # saturation
+    blur = (torch.rand(b, generator=generator) < blur_p).to(device)
+    sigma = float(0.15 + torch.rand(1, generator=generator))
+    radius = max(1, int(round(2 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=device)
+    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels = out.shape[1]
+    blurred = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"),
+                       kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"),
+                       kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    return torch.where(blur[:, None, None, None], blurred, out)
+
+
+def rare_class_probabilities(class_pixels, temperature: float = TEMPERATURE) -> np.ndarray:
+    """DAFormer's rare-class sampling: P(c) proportional to exp((1 - f_c) / T), f_c the class's share of the
+    source's labelled pixels (the manifest's class_pixels). Classes without a pixel get 0 (nothing to sample)."""
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    if pixels.shape != (NUM_CLASSES,) or pixels.sum() <= 0:
+        raise ValueError(f"class_pixels must be {NUM_CLASSES} counts with a positive sum")
+    freq = pixels / pixels.sum()
+    logits = np.where(pixels > 0, (1.0 - freq) / temperature, -np.inf)
+    weights = np.exp(logits - logits[pixels > 0].max())
+    return weights / weights.sum()
