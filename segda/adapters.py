@@ -22,7 +22,7 @@ from segda.classes import CLASS_NAMES, NUM_CLASSES
 from segda.config import LoraConfig
 from safetensors import SafetensorError
 
-from segda.log import SegdaError, info, warn
+from segda.log import SegdaError, warn
 from segda.model import build_model, fingerprint
 
 METADATA = "segda.json"
@@ -118,68 +118,78 @@ def is_adapter(path: str | Path) -> bool:
 
 def load_adapted(adapter_dir: str | Path, base: str | None = None, *, allow_base_mismatch: bool = False):
     """Base model + adapter, with the checks that keep an adapter from silently running on the wrong base."""
+    return _load_adapted(adapter_dir, base, allow_base_mismatch)[0]
+
+
+def _base_of(adapter_dir, base: str | None) -> tuple[dict, str]:
+    """(segda metadata, base path) of an adapter, refusing one made for another class set."""
     meta = read_metadata(adapter_dir, base)
-    base_path = base or meta.get("base_model")
+    base_path = str(base or meta.get("base_model") or "")
     if not base_path:
         raise SegdaError(f"{adapter_dir}: no base model recorded; pass --base")
     if meta.get("num_classes", NUM_CLASSES) != NUM_CLASSES:
         raise SegdaError(f"{adapter_dir} was trained for {meta['num_classes']} classes, segda scores "
                          f"{NUM_CLASSES}: it cannot be evaluated with this class set")
-    model = build_model(str(base_path))
-    found = fingerprint(model)
+    return meta, base_path
+
+
+def _check_fingerprint(meta: dict, found: str, adapter_dir, base_path: str, allow_base_mismatch: bool) -> None:
     if meta and found != meta.get("base_fingerprint") and not allow_base_mismatch:
         raise SegdaError(f"adapter {adapter_dir} was trained on a base with fingerprint "
                          f"{str(meta.get('base_fingerprint'))[:16]}, but {base_path} has {found[:16]}: "
                          "use the adapter's own base, or pass --allow-base-mismatch if you know better")
+
+
+def _load_adapted(adapter_dir, base, allow_base_mismatch) -> tuple[PeftModel, str]:
+    meta, base_path = _base_of(adapter_dir, base)
+    model = build_model(base_path)
+    found = fingerprint(model)  # before peft injects its layers
+    _check_fingerprint(meta, found, adapter_dir, base_path, allow_base_mismatch)
     # peft reads adapter_model.safetensors (safetensors only: there is no .bin in a segda adapter).
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False), found
     except SafetensorError as err:
-        raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter again "
-                         "or re-run `segda adapt`") from err
+        raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter again or "
+                         "re-run `segda adapt`") from err
+
+
+def _layout(adapter_dir) -> tuple:
+    """What peft injects for an adapter: adapters of one layout can live side by side on one base."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return tuple(sorted(config.get("target_modules") or [])), tuple(sorted(config.get("modules_to_save") or []))
 
 
 class SharedBase:
     """Many adapters of one base: the base is loaded once and the adapters are switched in place (peft's
     `load_adapter` / `set_adapter`), each with its own LoRA weights and head copies (BatchNorm statistics too).
-    An adapter of another base replaces the one in memory. The checks are load_adapted's."""
+    An adapter of another base or another layout (target modules, head parts) gets a fresh base. Every adapter
+    gets load_adapted's checks, against the fingerprint of the base actually in memory."""
 
     def __init__(self, allow_base_mismatch: bool = False):
         self.allow_base_mismatch = allow_base_mismatch
         self.model: PeftModel | None = None
-        self.base_path: str | None = None
-        self.base_fingerprint: str | None = None
+        self.key: tuple | None = None  # (base path, layout) of the model in memory
+        self.base_fingerprint = ""
         self.names: dict[str, str] = {}  # adapter folder -> peft adapter name
 
     def activate(self, adapter_dir: str | Path, base: str | None = None) -> PeftModel:
-        meta = read_metadata(adapter_dir, base)
-        base_path = str(base or meta.get("base_model") or "")
-        if not base_path:
-            raise SegdaError(f"{adapter_dir}: no base model recorded; pass --base")
-        key = str(Path(adapter_dir).resolve())
-        if self.model is None or base_path != self.base_path:
-            self.model = load_adapted(adapter_dir, base, allow_base_mismatch=self.allow_base_mismatch)
-            self.base_path, self.names = base_path, {key: "default"}
-            self.base_fingerprint = meta.get("base_fingerprint")
+        meta, base_path = _base_of(adapter_dir, base)
+        key = (str(Path(base_path).resolve()) if Path(base_path).exists() else base_path, _layout(adapter_dir))
+        folder = str(Path(adapter_dir).resolve())
+        if self.model is None or key != self.key:
+            self.model, self.base_fingerprint = _load_adapted(adapter_dir, base, self.allow_base_mismatch)
+            self.key, self.names = key, {folder: "default"}
             return self.model
-        if meta and meta.get("base_fingerprint") != self.base_fingerprint and not self.allow_base_mismatch:
-            raise SegdaError(f"adapter {adapter_dir} was trained on a base with fingerprint "
-                             f"{str(meta.get('base_fingerprint'))[:16]}, not the {str(self.base_fingerprint)[:16]} of "
-                             f"{base_path}: use the adapter's own base, or pass --allow-base-mismatch")
-        if key not in self.names:
+        _check_fingerprint(meta, self.base_fingerprint, adapter_dir, base_path, self.allow_base_mismatch)
+        if folder not in self.names:
             name = f"adapter{len(self.names)}"
             try:
                 self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
             except SafetensorError as err:
                 raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter "
                                  "again or re-run `segda adapt`") from err
-            except (KeyError, ValueError, RuntimeError) as err:  # another LoRA layout (targets, head mode)
-                info(f"{adapter_dir} cannot share the base with the adapters loaded so far ({type(err).__name__}: "
-                     f"{err}); loading the base again for it")
-                self.model = None
-                return self.activate(adapter_dir, base)
-            self.names[key] = name
-        self.model.set_adapter(self.names[key])
+            self.names[folder] = name
+        self.model.set_adapter(self.names[folder])
         return self.model
 
 

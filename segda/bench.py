@@ -114,7 +114,7 @@ def bench_loader(data: str, raw: str, workers: int = 1, crop=(512, 512), batch: 
     from segda.data.stream import train_loader
     from segda.shards.layouts import find_samples
 
-    ds = resolve_dataset(data)
+    ds = resolve_dataset(data).require_labels("bench loader")
     dataset = (ds.manifest or {}).get("dataset", "cityscapes")
     split = (ds.manifest or {}).get("split", "train")
     base_size = base_size or ((1280, 720) if dataset == "gta5" else (2048, 1024))

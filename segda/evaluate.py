@@ -230,6 +230,9 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
             info(f"evaluating {model_label} on {data_label} ...")
             r = evaluate_model(model, ds, data_cfg, accelerator, opts=opts, limit=limit, num_examples=num_examples,
                                protocol=protocol)
+            if r["num_samples"] == 0:
+                raise SegdaError(f"no sample of {data_label} ({spec}) could be evaluated ({r['skipped']} skipped): "
+                                 "shards without labels, or every sample bad (see the warnings above)")
             info(f"  mIoU {100 * r['miou']:.1f} ({r['protocol_classes']} classes, protocol {protocol}) over "
                  f"{r['num_samples']} samples, {r['num_pixels']:,} pixels")
             results.append({**r, "model": model_label, "data": data_label, "model_path": path, "data_spec": spec})

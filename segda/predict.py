@@ -83,6 +83,7 @@ def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts:
     written = []
     names = output_names(images)
     if fmt == "cityscapes":
+        _check_cityscapes_output(names, out_dir)
         names = {path: stem.removesuffix("_leftImg8bit") + "_labelIds" for path, stem in names.items()}
     inputs = {p.resolve() for p in names}
     for stem in names.values():
@@ -106,6 +107,20 @@ def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts:
 
 
 _TO_LABEL_ID = train_to_label_id_lut()
+
+
+def _check_cityscapes_output(names: dict[Path, str], out_dir: Path) -> None:
+    """The official evaluator finds each frame's prediction by searching the whole results folder for
+    `<city>_<seq>_<frame>*.png` and stops at a second match: one frame name per image, and a folder of ours alone."""
+    prefixed = [str(path) for path, stem in names.items() if stem != path.stem]
+    if prefixed:
+        raise SegdaError(f"--format cityscapes needs one file name per frame, but {prefixed[0]} shares its name with "
+                         "another image: predict each split separately")
+    ours = {stem.removesuffix("_leftImg8bit") + "_labelIds.png" for stem in names.values()}
+    others = sorted(p for p in out_dir.rglob("*.png") if p.name not in ours) if out_dir.is_dir() else []
+    if others:
+        raise SegdaError(f"{out_dir} already holds other PNGs ({others[0]}, ...): the official evaluator would find "
+                         "them too. Use an empty --out for --format cityscapes")
 
 
 def export_merged(adapter_dir: str, out_dir: str | Path, *, base: str | None = None,

@@ -110,6 +110,32 @@ def test_a_folder_with_an_id_map(tmp_path):
     (raw / "bad.yaml").write_text("ids: {1: 40}\n")
     with pytest.raises(Exception, match="train id"):
         load_id_map(raw / "bad.yaml")
+    (raw / "bool.yaml").write_text("ids: {0: true}\n")
+    with pytest.raises(Exception, match="train id"):
+        load_id_map(raw / "bool.yaml")
+    (raw / "ids.json").write_text(json.dumps({"ids": {"0": 255, **{str(FOLDER_OFFSET + t): t for t in range(19)}}}))
+    assert load_id_map(raw / "ids.json") == id_map  # JSON (string keys) reads like the YAML
+
+
+def test_folder_labels_as_palette_and_16_bit_pngs(tmp_path):
+    from PIL import Image
+
+    raw = tmp_path / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "labels").mkdir()
+    values = np.arange(64 * 96).reshape(64, 96) % 5
+    for name in ("palette", "deep"):
+        cv2.imwrite(str(raw / "images" / f"{name}.png"), np.zeros((64, 96, 3), np.uint8))
+    palette = Image.fromarray(values.astype(np.uint8), "P")
+    palette.putpalette([200, 10, 10] * 256)  # colours that are not the indices
+    palette.save(raw / "labels" / "palette.png")
+    cv2.imwrite(str(raw / "labels" / "deep.png"), (values * 1000).astype(np.uint16))  # 0, 1000, ... 4000
+    (raw / "ids.yaml").write_text("ids: {0: 255, 1: 0, 2: 1, 3: 2, 4: 3, 1000: 0, 2000: 1, 3000: 2, 4000: 3}\n")
+    manifest = _create("folder", raw, tmp_path / "out", id_map=load_id_map(raw / "ids.yaml"))
+    assert manifest["num_samples"] == 2, manifest["skipped"]
+    expected = np.where(values == 0, 255, values - 1)
+    for key, members in _members(tmp_path / "out", manifest).items():
+        np.testing.assert_array_equal(_label(members["label.png"]), expected, err_msg=key)
 
 
 def test_image_only_folders_make_unlabeled_shards_that_training_refuses(tmp_path):
@@ -127,6 +153,12 @@ def test_image_only_folders_make_unlabeled_shards_that_training_refuses(tmp_path
     cfg = load_config(None, [f"data.train={manifest_path(tmp_path / 'out', 'train')}", "model.name_or_path="])
     with pytest.raises(Exception, match="unlabeled images"):
         train("pretrain", cfg, tmp_path / "run")
+    from segda.config import DataConfig
+    from segda.evaluate import InferenceOptions, evaluate_matrix
+
+    with pytest.raises(Exception, match="unlabeled images"):
+        evaluate_matrix([("m", "unused")], [("u", str(manifest_path(tmp_path / "out", "train")))], tmp_path / "r",
+                        DataConfig(workers=0), InferenceOptions())
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +212,14 @@ def test_the_official_cityscapes_evaluator_agrees_with_segda_evaluate(tmp_path, 
     result = official.evaluateImgLists(predictions, ground_truth, args)
     assert result["averageScoreClasses"] == pytest.approx(ours["miou"], abs=1e-9)
     assert 0 < ours["miou"] < 1
+    # every class, not only the ones this tiny model predicts, goes out under its official label id
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    from segda.classes import train_to_label_id_lut
+
+    assert [int(v) for v in train_to_label_id_lut()[:19]] == [trainId2label[t].id for t in range(19)]
+    # the evaluator searches the whole folder: a second run into a folder holding other PNGs is refused
+    (tmp_path / "results" / "old_overlay.png").write_bytes(b"")
+    proc = segda("predict", tiny_model, frames[0], "--out", tmp_path / "results", "--format", "cityscapes",
+                 check=False)
+    assert proc.returncode == 2 and "already holds other PNGs" in proc.stderr

@@ -209,10 +209,29 @@ def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models
                                  num_examples=0)
         return {p["model"]: p["confusion"] for p in report["pairs"]}
 
-    together = scores([("a", str(first)), ("b", str(second)), ("a-again", str(first))], "together")
-    assert len(built) == 1, "the base must be loaded once for adapters that share it"
-    alone = {**scores([("a", str(first))], "a"), **scores([("b", str(second))], "b")}
+    # another layout (LoRA in the head, no head copies): it cannot share the base, and gets its own
+    from segda.adapters import attach_lora, save_adapter
+    from segda.config import LoraConfig
+    from segda.model import fingerprint
+
+    torch.manual_seed(3)
+    fresh = segda_adapters.build_model(str(base))
+    lora_head = attach_lora(fresh, LoraConfig(head="lora"))
+    with torch.no_grad():
+        for name, param in lora_head.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    save_adapter(lora_head, tmp_path / "lora-head", base=str(base), base_fingerprint=fingerprint(real_build(str(base))),
+                 config={}, metrics={})
+    built.clear()
+
+    together = scores([("a", str(first)), ("b", str(second)), ("c", str(tmp_path / "lora-head")),
+                       ("a-again", str(first))], "together")
+    assert len(built) == 3, "one base for a and b, a fresh one for c's layout, a fresh one back to a's"
+    alone = {**scores([("a", str(first))], "a"), **scores([("b", str(second))], "b"),
+             **scores([("c", str(tmp_path / "lora-head"))], "c")}
     assert together["a"] == alone["a"] == together["a-again"] and together["b"] == alone["b"]
+    assert together["c"] == alone["c"]
     assert together["a"] != together["b"], "two different adapters must score differently"
     proc = segda("bench", "adapters", first, second, "--data", cityscapes_manifest, "--eval-size", "160x88",
                  "--repeats", 1)

@@ -110,15 +110,8 @@ def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
             raise BadSample(f"label values {bad[:5].tolist()} are not train ids (0-18, 255): is this the "
                             "_gt_labelTrainIds.png file?", "label")
         return ids
-    raw = _read_label_unchanged(sample)
-    if opts.dataset == "synthia":  # 16-bit PNG whose first (R) channel holds the class id; cv2 reads BGR
-        if raw.ndim != 3 or raw.shape[2] < 3:
-            raise BadSample(f"SYNTHIA label must be a 3-channel PNG with the class id in R, got shape {raw.shape}",
-                            "label")
-        return _SYNTHIA_LUT[raw[..., 2]]
     if opts.dataset == "folder":
-        if raw.ndim != 2:
-            raise BadSample(f"label must be a single-channel PNG of label values, got shape {raw.shape}", "label")
+        raw = _read_label_values(sample)
         lut, strict = _id_map_lut(opts.id_map)
         if strict:
             bad = np.unique(raw)[lut[np.unique(raw)] == _UNMAPPED]
@@ -126,7 +119,36 @@ def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
                 raise BadSample(f"label values {bad[:5].tolist()} are not in the id map (add them, or set "
                                 "`others: ignore` to map every unlisted value to 255)", "label")
         return np.where(lut[raw] == _UNMAPPED, IGNORE, lut[raw]).astype(np.uint8)
+    raw = _read_label_unchanged(sample)
+    if opts.dataset == "synthia":  # 16-bit PNG whose first (R) channel holds the class id; cv2 reads BGR
+        if raw.ndim != 3 or raw.shape[2] < 3:
+            raise BadSample(f"SYNTHIA label must be a 3-channel PNG with the class id in R, got shape {raw.shape}",
+                            "label")
+        return _SYNTHIA_LUT[raw[..., 2]]
     raise BadSample(f"dataset {opts.dataset!r} has no labels", "label")
+
+
+def _read_label_values(sample: RawSample) -> np.ndarray:
+    """A folder dataset's label: palette or grey 8-bit (its indices, never the palette's colours), or 16-bit grey."""
+    _regular(sample.label, "label")
+    if os.path.getsize(sample.label) == 0:
+        raise BadSample("empty label file (0 bytes)", "label")
+    try:
+        with Image.open(sample.label) as im:
+            mode = im.mode
+            if mode in ("P", "L"):
+                return np.ascontiguousarray(np.asarray(im), dtype=np.uint8)
+            if mode.startswith("I"):  # 16-bit grey (I;16) or 32-bit integers holding 16-bit values
+                values = np.asarray(im)
+                if values.min() < 0 or values.max() >= 1 << 16:
+                    raise BadSample("label values must be 0-65535", "label")
+                return values.astype(np.uint16)
+    except BadSample:
+        raise
+    except Exception as err:
+        raise BadSample(f"unreadable label ({type(err).__name__}: {err})", "label") from err
+    raise BadSample(f"label has mode {mode}; expected single-channel label values (palette, 8- or 16-bit grey)",
+                    "label")
 
 
 def _read_label_unchanged(sample: RawSample) -> np.ndarray:
@@ -178,8 +200,10 @@ def load_id_map(path) -> dict:
                          "`others: error | ignore`)")
     pairs = []
     for value, train_id in data["ids"].items():
-        if not (isinstance(value, int) and 0 <= value < 1 << 16) or not (
-                isinstance(train_id, int) and (0 <= train_id < NUM_CLASSES or train_id == IGNORE)):
+        if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+            value = int(value)  # JSON, which is YAML too, only has string keys
+        whole = [isinstance(v, int) and not isinstance(v, bool) for v in (value, train_id)]
+        if not all(whole) or not 0 <= value < 1 << 16 or not (0 <= train_id < NUM_CLASSES or train_id == IGNORE):
             raise SegdaError(f"{path}: ids entry {value!r}: {train_id!r} must map a label value (0-65535) to a "
                              f"train id (0-{NUM_CLASSES - 1}, or {IGNORE} to leave it out)")
         pairs.append([value, train_id])
