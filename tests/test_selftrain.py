@@ -82,3 +82,61 @@ def test_rare_class_sampling_follows_the_formula():
     assert np.abs(observed - p).max() < 0.02
     with pytest.raises(ValueError):
         rare_class_probabilities(np.zeros(NUM_CLASSES))
+
+
+def test_two_streams_train_each_side_once_per_epoch_and_give_every_rank_the_same_steps(gta5_manifest, tmp_path):
+    """The source (labelled) and the target (image-only shards) side by side on 2 simulated ranks: each side has
+    its own epochs, every sample of a side's epoch is trained once across the ranks, and the ranks step equally."""
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.data.stream import paired_batches
+    from segda.shards.encode import EncodeOptions
+    from segda.shards.synth import synth_cityscapes
+    from segda.shards.writer import CreateOptions, create_shards, manifest_path
+
+    synth_cityscapes(tmp_path / "raw", "train", 9, size=(96, 64))
+    create_shards("images", tmp_path / "raw" / "leftImg8bit", tmp_path / "target", EncodeOptions("images", "train"),
+                  CreateOptions(shard_size=4), progress=False)
+    source, target = resolve_dataset(str(gta5_manifest)), resolve_dataset(str(manifest_path(tmp_path / "target",
+                                                                                              "train")))
+    cfg = DataConfig(batch_size=2, workers=0, crop_size="32x32", base_size="160x88")
+    steps = 12
+    seen = {"source": {}, "target": {}}
+    for rank in range(2):
+        pairs = paired_batches(source, target, cfg, rank=rank, world=2, seed=0)
+        taken = [next(pairs) for _ in range(steps)]
+        pairs.close()
+        assert len(taken) == steps
+        for pair in taken:
+            for side in ("source", "target"):
+                batch = pair[side]
+                seen[side].setdefault(batch["epoch"], []).extend(batch["key"])
+                assert pair["position"][side] == batch["position"]
+            assert (pair["target"]["label"] == IGNORE).all(), "image-only shards: nothing to learn from"
+            assert (pair["source"]["label"] != IGNORE).any()
+    for side, ds in (("source", source), ("target", target)):
+        complete = [e for e in seen[side] if e < max(seen[side])]
+        assert complete, f"{side}: no complete epoch in {steps} steps"
+        for epoch in complete:
+            keys = seen[side][epoch]
+            assert len(keys) == len(set(keys)), f"{side} epoch {epoch} repeats a sample"
+            assert len(keys) >= ds.num_samples - 1, f"{side} epoch {epoch} trained {len(keys)} of {ds.num_samples}"
+    assert len(seen["target"]) > len(seen["source"]), "the shorter side starts its next epochs on its own"
+
+
+def test_two_streams_resume_from_their_recorded_position(gta5_manifest, cityscapes_manifest):
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.data.stream import paired_batches
+
+    source, target = resolve_dataset(str(gta5_manifest)), resolve_dataset(str(cityscapes_manifest))
+    cfg = DataConfig(batch_size=2, workers=0, crop_size="32x32", base_size="160x88")
+    straight = paired_batches(source, target, cfg, rank=0, world=2, seed=0)
+    taken = [next(straight) for _ in range(9)]
+    straight.close()
+    resumed = paired_batches(source, target, cfg, rank=0, world=2, seed=0, position=taken[4]["position"])
+    again = [next(resumed) for _ in range(4)]
+    resumed.close()
+    for a, b in zip(taken[5:], again):
+        assert a["source"]["key"] == b["source"]["key"] and a["target"]["key"] == b["target"]["key"]
+        assert torch.equal(a["target"]["image"], b["target"]["image"])

@@ -37,8 +37,10 @@ _TAR_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError)
 
 
 class _BadDataPolicy:
-    def __init__(self, strict: bool):
+    def __init__(self, strict: bool, labeled: bool = True):
         self.strict, self.skipped = strict, 0
+        self.labeled = labeled
+        """False for image-only shards (`segda shards images`): a sample without a label is then complete."""
 
     def _bad(self, message: str, count: int = 1) -> None:
         if self.strict:
@@ -47,13 +49,17 @@ class _BadDataPolicy:
         self.skipped += count
 
     def _complete(self, sample: dict, url: str) -> bool:
-        if LABEL_EXT not in sample:
+        if self.labeled and LABEL_EXT not in sample:
             self._bad(f"sample {sample['__key__']} in {url} has no label ({LABEL_EXT}); skipped")
             return False
         if not any(ext in sample for ext in IMAGE_EXTS):
             self._bad(f"sample {sample['__key__']} in {url} has no image ({'/'.join(IMAGE_EXTS)}); skipped")
             return False
         return True
+
+
+def is_labeled(ds: Dataset) -> bool:
+    return (ds.manifest or {}).get("labeled") is not False
 
 
 class SampleReader(_BadDataPolicy):
@@ -66,7 +72,7 @@ class SampleReader(_BadDataPolicy):
 
     def __init__(self, ds: Dataset, *, strict: bool = False, threads: int = 4,
                  max_request: int = MAX_REQUEST_BYTES, timeout: float = 30.0, retries: int = 5):
-        super().__init__(strict)
+        super().__init__(strict, labeled=is_labeled(ds))
         self.timeout, self.retries = timeout, retries
         if not ds.indexed:
             raise ValueError(f"{ds.spec} has no per-sample byte offsets; use ShardReader")
@@ -162,7 +168,7 @@ class ShardReader(_BadDataPolicy):
 
     def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False,
                  timeout: float = 30.0, retries: int = 5):
-        super().__init__(strict)
+        super().__init__(strict, labeled=is_labeled(ds))
         self.ds, self.verify, self.allow_pipe = ds, verify, allow_pipe
         self.timeout, self.retries = timeout, retries
 

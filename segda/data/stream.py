@@ -29,7 +29,7 @@ from segda.config import DataConfig
 from segda.data import plan as planning
 from segda.data import transforms as T
 from segda.data.datasets import Dataset, with_counts
-from segda.data.reader import IMAGE_EXTS, LABEL_EXT, SampleReader, ShardReader
+from segda.data.reader import IMAGE_EXTS, LABEL_EXT, SampleReader, ShardReader, is_labeled
 from segda.log import SegdaError, warn
 
 _END = object()
@@ -38,8 +38,12 @@ START = {"epoch": 0, "consumed": 0, "end": None}
 
 
 def decode_sample(sample: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(image, label); an image-only sample (unlabeled shards) gets a label of IGNORE everywhere."""
     ext = next(e for e in IMAGE_EXTS if e in sample)
-    return T.decode_image(sample[ext]), T.decode_label(sample[LABEL_EXT])
+    image = T.decode_image(sample[ext])
+    if LABEL_EXT not in sample:
+        return image, np.full(image.shape[:2], T.IGNORE, np.uint8)
+    return image, T.decode_label(sample[LABEL_EXT])
 
 
 def reads_by_sample(ds: Dataset, cfg: DataConfig) -> bool:
@@ -59,8 +63,9 @@ def _frames_per_batch(cfg: DataConfig) -> int:
 class _Augmenter:
     """Decode a raw sample once and cut `crops_per_frame` augmented crops from it, seeded by (seed, epoch, key)."""
 
-    def __init__(self, cfg: DataConfig, seed: int):
+    def __init__(self, cfg: DataConfig, seed: int, labeled: bool = True):
         self.cfg, self.seed = cfg, seed
+        self.cat_max_ratio = cfg.cat_max_ratio if labeled else 1.0  # no classes to balance without labels
 
     def crops(self, sample: dict, epoch: int, reader) -> list[tuple] | None:
         key = sample["__key__"]
@@ -75,7 +80,7 @@ class _Augmenter:
     def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         cfg = self.cfg
         image, label = T.random_scale_crop(image, label, rng, cfg.base_size.wh, cfg.scale_range, cfg.crop_size.wh,
-                                           cfg.cat_max_ratio)
+                                           self.cat_max_ratio)
         if cfg.flip:
             image, label = T.random_flip(image, label, rng)
         if cfg.photometric:
@@ -107,7 +112,7 @@ class TrainStream(IterableDataset):
         """What loader worker `worker` yields (benchmarks call this to simulate many workers in one process)."""
         reader = SampleReader(self.ds, strict=self.cfg.strict, threads=self.cfg.io_threads,
                               timeout=self.cfg.timeout, retries=self.cfg.retries)
-        augmenter = _Augmenter(self.cfg, self.seed)
+        augmenter = _Augmenter(self.cfg, self.seed, is_labeled(self.ds))
         numbers = iter(planning.worker_batches(0, self.num_batches, worker, self.cfg.workers))
         number = next(numbers, None)
         ahead = self._fetch(reader, number)
@@ -192,7 +197,7 @@ class SequentialTrainStream(IterableDataset):
         stream = _shuffled(raw, self.cfg.shuffle_buffer, rng)
         for _ in range(sum(plan.batch_sizes[:skip])):  # resume: drop what was already trained on, undecoded
             next(stream, None)
-        augmenter = _Augmenter(self.cfg, self.seed)
+        augmenter = _Augmenter(self.cfg, self.seed, is_labeled(self.ds))
         frames = (augmenter.crops(s, self.epoch, reader) for s in stream)
         recent: deque = deque(maxlen=max(plan.batch_sizes, default=1))
         for size in plan.batch_sizes[skip:]:
@@ -394,6 +399,25 @@ def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, see
                                  "end": None}
             yield batch
         epoch, step = epoch + 1, 0
+
+
+def paired_batches(source: Dataset, target: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
+                   position: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
+    """Source and target batches side by side, for adaptation without target labels: {"source": batch,
+    "target": batch, "position": {"source": ..., "target": ...}}. Each side has its own plan, seed, position and
+    epochs (the shorter one simply starts its next epoch sooner), split by rank and worker as a single stream is,
+    so each side trains on every sample of its epoch once, and every rank gets one pair per step."""
+    position = position or {"source": START, "target": START}
+    sides = {name: training_batches(ds, cfg, rank=rank, world=world, seed=seed + offset,
+                                    position=position[name], pin_memory=pin_memory)
+             for name, ds, offset in (("source", source, 0), ("target", target, 7919))}
+    try:
+        for source_batch, target_batch in zip(sides["source"], sides["target"]):
+            yield {"source": source_batch, "target": target_batch,
+                   "position": {"source": source_batch["position"], "target": target_batch["position"]}}
+    finally:
+        for stream in sides.values():
+            stream.close()
 
 
 def elastic(ds: Dataset, cfg: DataConfig) -> bool:
