@@ -119,7 +119,7 @@ def confusion_update(confusion: torch.Tensor, pred: torch.Tensor, label: torch.T
     outside = (label == IGNORE) | (label >= NUM_CLASSES)
     index = torch.where(outside, cells, label.long() * NUM_CLASSES + pred.long()).reshape(-1)
     counts = torch.zeros(cells + 1, dtype=torch.int64, device=confusion.device)
-    counts.scatter_add_(0, index, torch.ones_like(index))
+    counts.scatter_add_(0, index, index.new_ones(()).expand_as(index))  # a broadcast 1, not a frame of ones
     confusion += counts[:cells].view(NUM_CLASSES, NUM_CLASSES)
 
 

@@ -30,7 +30,7 @@ class NonFiniteGuard:
         self._saved: list[torch.Tensor] = []
 
     def start_step(self) -> None:
-        """Call before the first micro-batch of an optimizer step."""
+        """Call once before training (after a resume has loaded the statistics); `arm` keeps it up to date."""
         self._saved = [b.detach().clone() for b in self.buffers]
 
     def arm(self, parameters, grad_norm: torch.Tensor | None = None) -> None:
@@ -45,6 +45,7 @@ class NonFiniteGuard:
         with torch.no_grad():
             for buffer, saved in zip(self.buffers, self._saved):
                 buffer.copy_(torch.where(found.bool(), saved, buffer))
+                saved.copy_(buffer)  # what the next optimizer step starts from
 
     def disarm(self) -> None:
         self.inner.__dict__.pop("found_inf", None)

@@ -182,7 +182,6 @@ class _Loop:
         # The loss stays on the device until a log line needs it: no host-device sync per micro-batch.
         self.window = _Window(accelerator.device)
         self.data_wait_seconds = 0.0
-        self.micro = 0  # micro-batches of the current optimizer step so far
         # Under DeepSpeed bf16/fp16 the engine casts the model and Accelerate does not autocast: the pixels must
         # arrive in the model's dtype. Elsewhere the weights stay fp32 and autocast does the casting.
         self.input_dtype = next(model.parameters()).dtype
@@ -271,6 +270,8 @@ class _Loop:
         batches = training_batches(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
                                    seed=cfg.train.seed, position=self.position, pin_memory=acc.device.type == "cuda")
         self._train_mode()
+        if self.guard is not None:
+            self.guard.start_step()
         epoch, skipped = self.position["epoch"], 0
         stream = iter(batches)
         tick = time.perf_counter()
@@ -321,9 +322,6 @@ class _Loop:
         """Forward/backward one micro-batch; True when this completed an optimizer step. Nothing here waits for
         the device (the DeepSpeed path excepted): the loss and the finiteness verdict stay on it."""
         acc, cfg = self.acc, self.cfg
-        if self.guard is not None and self.micro == 0:
-            self.guard.start_step()
-        self.micro = (self.micro + 1) % cfg.train.grad_accum
         with acc.accumulate(self.model):
             pixels = normalize(batch["image"], acc.device, self.input_dtype, channels_last=cfg.train.channels_last)
             logits = self.forward(pixel_values=pixels).logits

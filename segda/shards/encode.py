@@ -98,20 +98,20 @@ def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
 def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
     """The sample's label as uint8 train ids (0-18, IGNORE), read the way its dataset stores it."""
     if opts.dataset in ("gta5", "cityscapes"):
-        ids = _read_label_ids(sample)
+        ids = _read_label_indices(sample)
         if int(ids.max()) > MAX_LABEL_ID:
             bad = np.unique(ids[ids > MAX_LABEL_ID])[:5].tolist()
             raise BadSample(f"label ids {bad} are outside the Cityscapes table (0..{MAX_LABEL_ID})", "label")
         return cv2.LUT(ids, _LUT)
     if opts.dataset == "acdc":  # *_gt_labelTrainIds.png: already train ids
-        ids = _read_label_ids(sample)
+        ids = _read_label_indices(sample)
         bad = np.setdiff1d(np.unique(ids), _TRAIN_ID_VALUES)
         if bad.size:
             raise BadSample(f"label values {bad[:5].tolist()} are not train ids (0-18, 255): is this the "
                             "_gt_labelTrainIds.png file?", "label")
         return ids
     if opts.dataset == "folder":
-        raw = _read_label_values(sample)
+        raw = _read_label_indices(sample, sixteen_bit=True)
         lut, strict = _id_map_lut(opts.id_map)
         if strict:
             bad = np.unique(raw)[lut[np.unique(raw)] == _UNMAPPED]
@@ -128,33 +128,37 @@ def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
     raise BadSample(f"dataset {opts.dataset!r} has no labels", "label")
 
 
-def _read_label_values(sample: RawSample) -> np.ndarray:
-    """A folder dataset's label: palette or grey 8-bit (its indices, never the palette's colours), or 16-bit grey."""
+def _label_file(sample: RawSample) -> None:
     _regular(sample.label, "label")
     if os.path.getsize(sample.label) == 0:
         raise BadSample("empty label file (0 bytes)", "label")
+
+
+def _read_label_indices(sample: RawSample, sixteen_bit: bool = False) -> np.ndarray:
+    """A single-channel label's indices: palette or 8-bit grey (GTA5 stores label ids as palette indices; converting
+    to RGB would lose them), and with `sixteen_bit` also 16-bit grey (folder datasets)."""
+    _label_file(sample)
     try:
         with Image.open(sample.label) as im:
             mode = im.mode
             if mode in ("P", "L"):
                 return np.ascontiguousarray(np.asarray(im), dtype=np.uint8)
-            if mode.startswith("I"):  # 16-bit grey (I;16) or 32-bit integers holding 16-bit values
+            if sixteen_bit and mode.startswith("I"):  # 16-bit grey (I;16) or 32-bit integers holding 16-bit values
                 values = np.asarray(im)
                 if values.min() < 0 or values.max() >= 1 << 16:
                     raise BadSample("label values must be 0-65535", "label")
                 return values.astype(np.uint16)
     except BadSample:
         raise
-    except Exception as err:
+    except Exception as err:  # PIL raises a zoo of types for broken files
         raise BadSample(f"unreadable label ({type(err).__name__}: {err})", "label") from err
-    raise BadSample(f"label has mode {mode}; expected single-channel label values (palette, 8- or 16-bit grey)",
-                    "label")
+    accepted = "palette, 8- or 16-bit grey" if sixteen_bit else "palette or 8-bit grey"
+    raise BadSample(f"label has mode {mode}; expected single-channel label values ({accepted})", "label")
 
 
 def _read_label_unchanged(sample: RawSample) -> np.ndarray:
-    _regular(sample.label, "label")
-    if os.path.getsize(sample.label) == 0:
-        raise BadSample("empty label file (0 bytes)", "label")
+    """Multi-channel or 16-bit labels (SYNTHIA), as cv2 reads them: BGR order."""
+    _label_file(sample)
     raw = cv2.imread(str(sample.label), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.dtype not in (np.uint8, np.uint16):
         raise BadSample("unreadable label: not an 8- or 16-bit PNG", "label")
@@ -249,25 +253,6 @@ def _check_image(data: bytes, sample: RawSample, opts: EncodeOptions) -> tuple[t
     if pixels is None or (pixels.shape[1], pixels.shape[0]) != size:
         raise BadSample("unreadable image: its data is corrupt or truncated (the pixels do not decode)")
     return size, pixels
-
-
-def _read_label_ids(sample: RawSample) -> np.ndarray:
-    _regular(sample.label, "label")
-    if os.path.getsize(sample.label) == 0:
-        raise BadSample("empty label file (0 bytes)", "label")
-    try:
-        with Image.open(sample.label) as im:
-            mode = im.mode
-            # GTA5 labels are palette PNGs: their indices are the label ids. Converting to RGB would lose them.
-            if mode not in ("P", "L"):
-                raise BadSample(f"label has mode {mode}; expected single-channel label ids (palette or 8-bit grey)",
-                                "label")
-            ids = np.asarray(im)
-    except BadSample:
-        raise
-    except Exception as err:
-        raise BadSample(f"unreadable label ({type(err).__name__}: {err})", "label") from err
-    return np.ascontiguousarray(ids, dtype=np.uint8)
 
 
 def _image_ext(sample: RawSample, opts: EncodeOptions) -> str:

@@ -170,8 +170,8 @@ def _acdc(root: Path, split: str, conditions) -> tuple[list[RawSample], list[Orp
                   for p in label_dir.glob("*/*_gt_labelTrainIds.png")}
         if not images and not labels:
             raise SegdaError(f"{image_dir} holds no ACDC frames of split {split!r}")
-        found, lost = _pair(root, images, labels, [])
-        pairs += [RawSample(s.key, s.image, s.label, root, condition) for s in found]
+        found, lost = _pair(root, images, labels, [], group=condition)
+        pairs += found
         orphans += lost
     if not pairs and not orphans:
         raise SegdaError(f"{root}/rgb_anon has no condition with split {split!r}")
@@ -218,10 +218,11 @@ def _images(root: Path) -> tuple[list[RawSample], list[Orphan]]:
                   key=lambda s: s.key), []
 
 
-def _pair(root: Path, images: dict, labels: dict, orphans: list[Orphan]) -> tuple[list[RawSample], list[Orphan]]:
+def _pair(root: Path, images: dict, labels: dict, orphans: list[Orphan], group: str | None = None
+          ) -> tuple[list[RawSample], list[Orphan]]:
     for key in sorted(images.keys() - labels.keys()):
         orphans.append(Orphan(images[key].relative_to(root).as_posix(), "image without a label"))
     for key in sorted(labels.keys() - images.keys()):
         orphans.append(Orphan(labels[key].relative_to(root).as_posix(), "label without an image"))
-    pairs = [RawSample(key, images[key], labels[key], root) for key in sorted(images.keys() & labels.keys())]
+    pairs = [RawSample(key, images[key], labels[key], root, group) for key in sorted(images.keys() & labels.keys())]
     return pairs, orphans

@@ -500,15 +500,9 @@ _TRAIN_TO_SYNTHIA = {train: synthia for synthia, train in SYNTHIA_TO_TRAIN_ID.it
 _LABEL_LUT = label_id_lut()
 
 
-def _png16(array: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    assert ok, "cv2 failed to encode a 16-bit PNG"
-    return buf.tobytes()
-
-
 def synthia_label(label_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """SYNTHIA's label encoding of a Cityscapes label-id map: (H, W, 3) uint16 in cv2's BGR order, the class id
-    in R (channel 2), an instance id in G. Parking becomes SYNTHIA's parking slot (13), other void pixels 0 or
+    """SYNTHIA's label encoding of a Cityscapes label-id map: (H, W, 3) uint16 RGB, the class id in R (the file's
+    first channel), an instance id in G. Parking becomes SYNTHIA's parking slot (13), other void pixels 0 or
     lane marking (22): ids the train-id table leaves out."""
     train = _LABEL_LUT[label_ids]
     synthia = np.zeros(train.shape, np.uint16)
@@ -518,7 +512,7 @@ def synthia_label(label_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray
     void = train == IGNORE
     synthia[void & (rng.random(train.shape) < 0.1)] = 22
     instance = rng.integers(0, 300, train.shape, dtype=np.uint16) * (synthia > 0)
-    return np.stack([np.zeros_like(synthia), instance, synthia], axis=-1)
+    return np.stack([synthia, instance, np.zeros_like(synthia)], axis=-1)
 
 
 def synth_synthia(out: str | Path, num: int, size: tuple[int, int] = (320, 190), seed: int = 0,
@@ -530,7 +524,7 @@ def synth_synthia(out: str | Path, num: int, size: tuple[int, int] = (320, 190),
         rng = np.random.default_rng([seed, i, 11])
         img, lab = _render(size, _GTA5, rng)
         atomic.write_bytes(out / "RGB" / f"{i:07d}.png", _png(img))
-        atomic.write_bytes(out / "GT" / "LABELS" / f"{i:07d}.png", _png16(synthia_label(lab, rng)))
+        atomic.write_bytes(out / "GT" / "LABELS" / f"{i:07d}.png", _png(synthia_label(lab, rng)))
     return num
 
 
