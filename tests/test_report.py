@@ -146,6 +146,8 @@ def test_protocols_average_their_classes_from_the_full_matrix(protocol, left_out
     kept = [c for c, name in enumerate(CLASS_NAMES) if name not in left_out]
     assert metrics["iou"] == full["iou"]  # IoUs themselves come from the whole matrix
     assert metrics["miou"] == pytest.approx(np.mean([full["iou"][c] for c in kept]))
+    accuracy = np.diag(confusion) / confusion.sum(axis=1)
+    assert metrics["mean_accuracy"] == pytest.approx(np.mean(accuracy[kept]))
     assert metrics["protocol_classes"] == 19 - len(left_out)
     if left_out:
         assert metrics["miou"] != pytest.approx(full["miou"])

@@ -103,8 +103,8 @@ def test_the_guard_skips_a_non_finite_step_on_the_device_and_counts_it():
     # BatchNorm statistics, updated by the forward pass before any verdict, are put back when the step is skipped
     norm = torch.nn.BatchNorm1d(2)
     guard = NonFiniteGuard(torch.optim.AdamW(norm.parameters(), fused=True), "cpu", norm)
+    guard.start_step()  # once, as the loop does: each step's arm() keeps the snapshot for the next
     for batch, skipped in (([[1.0, 2.0], [3.0, 4.0]], False), ([[float("nan"), 2.0], [3.0, 4.0]], True)):
-        guard.start_step()
         before = norm.running_mean.clone()
         norm(torch.tensor(batch)).sum().backward()
         guard.arm(norm.parameters())
