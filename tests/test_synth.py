@@ -164,3 +164,34 @@ def test_domain_gap_is_large_and_cityscapes_stays_learnable(frames):
     city_to_city = _accuracy(_class_means(city[:20], big), city[20:], big)
     assert gta5_to_gta5 - gta5_to_city > 0.3, (gta5_to_gta5, gta5_to_city)
     assert city_to_city > 0.4, city_to_city
+
+
+def test_the_domain_gap_is_adjustable_from_the_game_look_to_the_full_shift(tmp_path):
+    from segda.shards import synth
+
+    assert synth.target_style(0.0) == synth._GTA5 and synth.target_style(1.0) == synth._CITY
+    half = synth.target_style(0.5)
+    gta, city = synth._GTA5_COLOURS["sky"][0], synth._CITY_COLOURS["sky"][0]
+    assert half.colours["sky"][0] == tuple(round((a + b) / 2) for a, b in zip(gta, city))
+    assert half.photo == 0.5 and half.traffic == (2, 6)
+    with pytest.raises(ValueError, match="gap"):
+        synth.target_style(1.5)
+    # the frames themselves: the sky's colour moves away from GTA5's as the gap grows
+    skies = []
+    for gap in (0.0, 0.5, 1.0):
+        root = tmp_path / str(gap)
+        synth_cityscapes(root, "val", 2, (96, 48), seed=0, gap=gap)
+        img, lab = _load(_city_pairs(root, "val"))[0]
+        skies.append(img[lab == 23].astype(float).mean(axis=0))
+    assert np.linalg.norm(skies[0] - gta) < np.linalg.norm(skies[0] - city) / 3, "gap 0: the game's sky"
+    away = [np.linalg.norm(sky - gta) for sky in skies]
+    assert away[0] < away[1] < away[2], f"distance from the game's sky as the gap grows: {away}"
+
+
+def test_synth_cli_refuses_a_gap_out_of_range_or_for_another_dataset(tmp_path):
+    from helpers import segda
+
+    proc = segda("synth", "cityscapes", tmp_path / "a", "--gap", "2", check=False)
+    assert proc.returncode != 0 and "--gap 2" in proc.stderr and "0 (no gap) to 1" in proc.stderr
+    proc = segda("synth", "gta5", tmp_path / "b", "--gap", "0.5", check=False)
+    assert proc.returncode != 0 and "gta5 has none" in proc.stderr
