@@ -113,3 +113,50 @@ def rare_class_probabilities(class_pixels, temperature: float = TEMPERATURE) -> 
     logits = np.where(pixels > 0, (1.0 - freq) / temperature, -np.inf)
     weights = np.exp(logits - logits[pixels > 0].max())
     return weights / weights.sum()
+
+
+class RareClassOrder:
+    """Rare-class sampling as each epoch's order of source frames (DAFormer): N draws, each a class c drawn with
+    P(c) (`rare_class_probabilities`), then a frame that holds c, uniformly. A function of (seed, epoch) alone,
+    so ranks split it as they split a permutation, and a resume finds the same draws."""
+
+    def __init__(self, sample_classes, class_pixels, temperature: float = TEMPERATURE):
+        classes = np.asarray(sample_classes, dtype=np.int64)
+        self.holders = [np.flatnonzero((classes >> c) & 1) for c in range(NUM_CLASSES)]
+        held = np.array([len(h) > 0 for h in self.holders])
+        if not held.any():
+            raise ValueError("no frame holds any class: rare-class sampling needs labelled source frames")
+        p = rare_class_probabilities(class_pixels, temperature) * held  # a class only in slivers: no frame
+        self.probabilities = p / p.sum()
+        self.num_samples = len(classes)
+
+    def __call__(self, num_samples: int, seed: int, epoch: int) -> np.ndarray:
+        if num_samples != self.num_samples:
+            raise ValueError(f"the order was built for {self.num_samples} samples, asked for {num_samples}")
+        rng = np.random.default_rng([seed, epoch, 0x2C5])
+        drawn = rng.choice(NUM_CLASSES, size=num_samples, p=self.probabilities)
+        picks = rng.random(num_samples)
+        order = np.empty(num_samples, np.int64)
+        for c in np.unique(drawn):
+            where = drawn == c
+            order[where] = self.holders[c][(picks[where] * len(self.holders[c])).astype(np.int64)]
+        return order
+
+
+def rare_class_order(ds, temperature: float) -> RareClassOrder:
+    """The rare-class order of a source dataset, from its manifest's per-frame classes and class pixels."""
+    from segda.log import SegdaError
+
+    entries = (ds.manifest or {}).get("shards") or []
+    if not entries or any("classes" not in e for e in entries):
+        raise SegdaError(f"rare-class sampling needs each frame's classes, which {ds.spec} does not list (shards "
+                         "written by an older segda, or not a manifest): re-create the shards with `segda shards` (unchanged "
+                         "shards are re-used), or set adapt.rare_class_temperature=0")
+    classes = [c for e in entries for c in e["classes"]]
+    if len(classes) != ds.num_samples:
+        raise SegdaError(f"{ds.spec} lists the classes of {len(classes)} frames for {ds.num_samples} samples: "
+                         "re-create the shards with `segda shards`")
+    try:
+        return RareClassOrder(classes, ds.manifest["class_pixels"], temperature)
+    except (ValueError, KeyError) as err:
+        raise SegdaError(f"{ds.spec}: {err}; rare-class sampling needs a labelled source dataset") from err

@@ -71,18 +71,19 @@ def epoch_end(num_samples: int, world: int) -> int:
 
 
 def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, seed: int, epoch: int,
-                 start: int = 0, end: int | None = None) -> list[np.ndarray]:
+                 start: int = 0, end: int | None = None, order_of=epoch_order) -> list[np.ndarray]:
     """The global sample indices of each of this rank's batches, for positions [start, end) of the epoch's order.
 
     A whole epoch is start=0, end=epoch_end(N, world). A resumed epoch starts where the checkpoint's ranks had
     got to and ends where they would have (its `end`), whatever the world size now: its R = end - start samples
     go R // world to each rank (positions r, r + W, ...), and the R mod W left over join the last batch of ranks
     0, 1, ..., so every one of them is trained on exactly once and every rank has the same number of batches.
+    `order_of(N, seed, epoch)` gives the epoch's order: `epoch_order`, or a sampled one (rare-class sampling).
     """
     end = epoch_end(num_samples, world) if end is None else end
     if end - start < world:
         return []  # fewer samples left than ranks: they rest, like the N mod W remainder of every epoch
-    remaining = epoch_order(num_samples, seed, epoch)[start:end]
+    remaining = order_of(num_samples, seed, epoch)[start:end]
     share = len(remaining) // world
     mine = remaining[rank: share * world: world]
     batches = [mine[i:i + batch_size] for i in range(0, share, batch_size)]

@@ -95,9 +95,10 @@ class TrainStream(IterableDataset):
     it: what a checkpoint records, valid on any number of ranks."""
 
     def __init__(self, ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
-                 position: dict | None = None, num_batches: int | None = None):
+                 position: dict | None = None, num_batches: int | None = None, order_of=planning.epoch_order):
         _check_trainable(ds, world)
         self.ds, self.cfg, self.rank, self.world, self.seed = ds, cfg, rank, world, seed
+        self.order_of = order_of  # each epoch's order of samples (a permutation, or rare-class sampling's draws)
         position = position or START
         self.epoch0, self.start0 = position["epoch"], position["consumed"]
         self.end0 = position.get("end") or planning.epoch_end(ds.num_samples, world)
@@ -142,7 +143,8 @@ class TrainStream(IterableDataset):
         key = (epoch, start, end)
         if getattr(self, "_cached", (None,))[0] != key:
             self._cached = (key, planning.rank_batches(self.ds.num_samples, self.rank, self.world,
-                                                       _frames_per_batch(self.cfg), self.seed, epoch, start, end))
+                                                       _frames_per_batch(self.cfg), self.seed, epoch, start, end,
+                                                       self.order_of))
         return self._cached[1]
 
     def _batch(self, reader: SampleReader, augmenter: _Augmenter, number: int, fetched) -> dict:
@@ -373,19 +375,25 @@ def train_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: i
 
 
 def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
-                     position: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
+                     position: dict | None = None, pin_memory: bool = False, order_of=None) -> Iterator[dict]:
     """Endless training batches of one rank from data `position` on (default: the start of epoch 0), each
     tagged with its "epoch" and the "position" reached after it.
 
     Indexed datasets go through one DataLoader whose workers live across epochs (no restart stall at each epoch
     boundary), and a position written with another number of ranks is honoured (see `segda.data.plan`).
     The others get one DataLoader per epoch and must resume on the world size that wrote the position. Close the
-    generator to stop the workers.
+    generator to stop the workers. `order_of(N, seed, epoch)`: each epoch's sample order, instead of a permutation
+    (indexed datasets only: rare-class sampling).
     """
     _warn_unverifiable(ds, cfg)
     position = position or START
+    if order_of is not None and not reads_by_sample(ds, cfg):
+        raise SegdaError(f"rare-class sampling draws frames one by one, but {ds.spec} is read shard by shard ("
+                         "no byte offsets in its manifest, or data.verify is on): index it with `segda shards index "
+                         "MANIFEST`, turn data.verify off, or set adapt.rare_class_temperature=0")
     if reads_by_sample(ds, cfg):
-        stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, position=position)
+        stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, position=position,
+                             order_of=order_of or planning.epoch_order)
         yield from _loader(stream, cfg.workers, pin_memory)
         return
     per_epoch, frames = batches_per_epoch(ds, cfg, world), _frames_per_batch(cfg)
@@ -401,19 +409,26 @@ def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, see
         epoch, step = epoch + 1, 0
 
 
-def paired_batches(source: Dataset, target: Dataset, cfg: DataConfig, *, rank: int, world: int, seed: int,
-                   position: dict | None = None, pin_memory: bool = False) -> Iterator[dict]:
+def paired_batches(source: Dataset, target: Dataset, cfg: DataConfig, target_cfg: DataConfig | None = None, *,
+                   rank: int, world: int, seed: int,
+                   position: dict | None = None, pin_memory: bool = False, source_order_of=None) -> Iterator[dict]:
     """Source and target batches side by side, for adaptation without target labels: {"source": batch,
     "target": batch, "position": {"source": ..., "target": ...}}. Each side has its own plan, seed, position and
     epochs (the shorter one simply starts its next epoch sooner), split by rank and worker as a single stream is,
-    so each side trains on every sample of its epoch once, and every rank gets one pair per step."""
+    so each side trains on every sample of its epoch once, and every rank gets one pair per step
+    (`source_order_of`: rare-class sampling's draws on the source side instead). `target_cfg`: the target's data
+    settings where they differ (its base size); batch size and crop must be the source's. "epoch" is the
+    source's; "key" and "skipped" cover both sides."""
     position = position or {"source": START, "target": START}
-    sides = {name: training_batches(ds, cfg, rank=rank, world=world, seed=seed + offset,
-                                    position=position[name], pin_memory=pin_memory)
-             for name, ds, offset in (("source", source, 0), ("target", target, 7919))}
+    sides = {name: training_batches(ds, side_cfg, rank=rank, world=world, seed=seed + offset,
+                                    position=position[name], pin_memory=pin_memory, order_of=order_of)
+             for name, ds, side_cfg, offset, order_of in (("source", source, cfg, 0, source_order_of),
+                                                          ("target", target, target_cfg or cfg, 7919, None))}
     try:
         for source_batch, target_batch in zip(sides["source"], sides["target"]):
-            yield {"source": source_batch, "target": target_batch,
+            yield {"source": source_batch, "target": target_batch, "epoch": source_batch["epoch"],
+                   "key": source_batch["key"] + target_batch["key"],
+                   "skipped": source_batch["skipped"] + target_batch["skipped"],
                    "position": {"source": source_batch["position"], "target": target_batch["position"]}}
     finally:
         for stream in sides.values():

@@ -189,10 +189,23 @@ def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results,
         "keys": [s.key for s in shard], "fingerprint": fingerprint, "samples": sample_ranges,
         "inputs": _inputs_digest(shard),
         "conditions": sorted({s.group for s in shard if s.group}),
+        "classes": [class_presence(r.class_pixels) for r in good],
     }
     # The part record is written after the shard: a record always describes a complete shard.
     atomic.write_json(parts / f"{split}-{index:06d}.json", record)
     return record
+
+
+CLASS_PRESENCE_MIN_SHARE = 0.003
+"""A frame "holds" a class (the bits of each shard's `classes`, what rare-class sampling draws frames by) when the
+class covers at least this share of its pixels: DAFormer's 3,000 pixels of a 1280x720 GTA5 frame."""
+
+
+def class_presence(class_pixels: np.ndarray) -> int:
+    """Bit c set when class c covers at least CLASS_PRESENCE_MIN_SHARE of the frame's labelled pixels."""
+    pixels = np.asarray(class_pixels, np.int64)
+    present = pixels >= max(1.0, CLASS_PRESENCE_MIN_SHARE * pixels.sum())
+    return int(sum(1 << c for c in np.flatnonzero(present)))
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -266,7 +279,9 @@ def _manifest(dataset, root, encode: EncodeOptions, opts: CreateOptions, records
         "split": encode.split,
         "num_samples": sum(r["num_samples"] for r in records),
         "num_shards": len(records),
-        "shards": [{k: r[k] for k in ("url", "num_samples", "bytes", "sha256", "samples")} for r in records],
+        "shards": [{k: r[k] for k in ("url", "num_samples", "bytes", "sha256", "samples", "classes") if k in r}
+                   for r in records],
+        "class_presence_min_share": CLASS_PRESENCE_MIN_SHARE,
         "labeled": dataset in LABELED,
         "class_names": list(CLASS_NAMES),
         "class_pixels": class_pixels,
