@@ -101,7 +101,7 @@ def unpack_rng(packed: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer, state: dict,
-                    rng: list[dict[str, torch.Tensor]], keep: int) -> Path:
+                    rng: list[dict[str, torch.Tensor]], keep: int, method_state: dict | None = None) -> Path:
     """Main process: write the checkpoint folder atomically (every rank's RNG state included), prune old ones."""
     final = checkpoint_dir(run_dir, step)
     with atomic.atomic_path(final) as tmp, atomic.os_errors(final):
@@ -112,9 +112,30 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, optimizer
         (tmp / "optimizer.json").write_text(json.dumps(rest))
         for rank, tensors in enumerate(rng):
             save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+        save_method_state(tmp, method_state or {})
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
     prune(run_dir, keep)
     return final
+
+
+METHOD_STATE = "method.safetensors"
+
+
+def save_method_state(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """The training method's own tensors (self-training's EMA teacher), if it has any."""
+    if tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / METHOD_STATE))
+
+
+def load_method_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    path = folder / METHOD_STATE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise SegdaError(f"checkpoint {folder} is damaged ({type(err).__name__}: {err}); resume from an older one "
+                         f"with --resume {folder.parent}/step-NNNNNN, or delete this folder") from err
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

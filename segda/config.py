@@ -111,10 +111,17 @@ class DataConfig:
     """Raise on a corrupt shard or sample instead of skipping it with a warning."""
     allow_pipe: bool = False
     """Allow `pipe:` URLs, which run shell commands. Only for URLs you trust."""
+    target: str = ""
+    """`adapt.method: selftrain`: the target domain's training frames (same forms as `train`), labels unused."""
+    target_base_size: str = ""
+    """`adapt.method: selftrain`: WIDTHxHEIGHT the target's random rescale is relative to, when it differs from
+    `base_size` (DAFormer: 1280x720 for GTA5, 1024x512 for Cityscapes); empty: `base_size`."""
 
     def __post_init__(self):  # built in code (benchmarks, the CLI) as well as from YAML: one form of size
         for name in ("crop_size", "base_size", "eval_size"):
             setattr(self, name, parse_size(getattr(self, name), f"data.{name}"))
+        if self.target_base_size:
+            self.target_base_size = parse_size(self.target_base_size, "data.target_base_size")
 
 
 @dataclass
@@ -195,12 +202,33 @@ HEAD_MODES = ("none", "classifier", "classifier+norm", "lora", "full")
 
 
 @dataclass
+class AdaptConfig:
+    method: str = "supervised"
+    """supervised: data.train holds labelled target frames. selftrain: no target label is used; data.train is the
+    labelled source, data.target the target's frames, and the adapter self-trains against an EMA teacher on
+    ClassMix-ed frames (DACS / DAFormer)."""
+    ema_alpha: float = 0.999
+    """selftrain: the teacher's EMA momentum, warmed up as min(1 - 1/(step + 1), ema_alpha) (DAFormer)."""
+    pseudo_threshold: float = 0.968
+    """selftrain: a target frame's pseudo-labels weigh its share of pixels the teacher is this sure of (DAFormer)."""
+    rare_class_temperature: float = 0.01
+    """selftrain: rare-class sampling of source frames, P(c) ~ exp((1 - f_c) / T) (DAFormer: 0.01); 0 disables."""
+    save: str = "teacher"
+    """selftrain: which adapter RUN_DIR/adapter holds, teacher (EMA) or student; the other goes to
+    RUN_DIR/adapter-<other>."""
+
+
+ADAPT_METHODS = ("supervised", "selftrain")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -365,6 +393,14 @@ def validate(cfg: Config) -> None:
     _check(lo.alpha > 0, "lora.alpha", "must be positive")
     _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
     _check(lo.head in HEAD_MODES, "lora.head", f"must be one of {', '.join(HEAD_MODES)} (got {lo.head!r})")
+    a = cfg.adapt
+    _check(a.method in ADAPT_METHODS, "adapt.method", f"must be one of {', '.join(ADAPT_METHODS)} (got {a.method!r})")
+    _check(a.method != "selftrain" or bool(d.target), "data.target",
+           "must name the target's frames (a manifest or shard pattern) when adapt.method is selftrain")
+    _check(0 < a.ema_alpha < 1, "adapt.ema_alpha", "must be in (0, 1)")
+    _check(0 < a.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
+    _check(a.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")
+    _check(a.save in ("teacher", "student"), "adapt.save", f"must be teacher or student (got {a.save!r})")
 
 
 def _check(ok: bool, key: str, rule: str) -> None:

@@ -5,7 +5,8 @@
 1. synthetic GTA5 (train + val) and Cityscapes (train + val) in the real raw layouts (`segda synth`)
 2. their shards, through the real creators (`segda shards`)
 3. pretrain SegFormer (MiT-b0 architecture, random init) on the GTA5 shards (`segda pretrain`)
-4. + 5. adapt it to Cityscapes with LoRA, saving only the adapter (`segda adapt`)
+4. + 5. adapt it to Cityscapes with LoRA, saving only the adapter (`segda adapt`): `source+lora` with Cityscapes
+   labels; `source+uda` self-trained without any, from image-only shards of the same frames (adapt.method=selftrain)
 6. evaluate every model on both validation sets and write DIR/report.md + DIR/report.json (`segda evaluate`)
 With --oracle a model is also trained on Cityscapes directly (`target`): the gain the adapter could reach.
 Training stages run as their own processes, under `accelerate launch` when --processes > 1, exactly as a
@@ -42,11 +43,12 @@ class DemoSize:
     cityscapes_size: tuple[int, int] = (320, 160)
     pretrain_steps: int = 500
     adapt_steps: int = 300
+    uda_steps: int = 300
     model_config: str = "{}"
     """SegformerConfig overrides for the random-init model ({} = MiT-b0 shape)."""
 
 
-SMOKE = DemoSize(16, 6, 16, 6, (160, 88), (160, 80), 3, 2,
+SMOKE = DemoSize(16, 6, 16, 6, (160, 88), (160, 80), 3, 2, 2,
                  "{hidden_sizes: [16, 32, 64, 128], decoder_hidden_size: 64}")
 """A tiny setting for tests: every stage runs, the numbers mean nothing."""
 
@@ -70,6 +72,11 @@ def make_data(out: Path, size: DemoSize, seed: int) -> dict[str, Path]:
         target = shards / dataset
         create_shards(dataset, root, target, EncodeOptions(dataset, split), CreateOptions(shard_size=32, workers=2))
         manifests[label] = manifest_path(target, split)
+    # The self-trained adapter's target: the same frames as image-only shards, so no label can reach it.
+    images = shards / "cityscapes-images"
+    create_shards("images", raw / "cityscapes" / "leftImg8bit" / "train", images, EncodeOptions("images", "train"),
+                  CreateOptions(shard_size=32, workers=2))
+    manifests["cityscapes-train-images"] = manifest_path(images, "train")
     return manifests
 
 
@@ -108,7 +115,13 @@ def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = Fa
            [f"data.train={manifests['cityscapes-train']}", f"model.name_or_path={out / 'runs' / 'source' / 'model'}",
             f"train.seed={seed}"])
     times["adapt_s"] = time.perf_counter() - start
-    models = [("source", str(out / "runs" / "source" / "model")), ("source+lora", str(out / "runs" / "lora" / "adapter"))]
+    start = _stage("5b. self-train an adapter on synthetic Cityscapes without its labels")
+    _train("adapt", "selftrain.yaml", out / "runs" / "uda", size.uda_steps, processes,
+           [f"data.train={manifests['gta5-train']}", f"data.target={manifests['cityscapes-train-images']}",
+            f"model.name_or_path={out / 'runs' / 'source' / 'model'}", f"train.seed={seed}"])
+    times["uda_s"] = time.perf_counter() - start
+    models = [("source", str(out / "runs" / "source" / "model")), ("source+uda", str(out / "runs" / "uda" / "adapter")),
+              ("source+lora", str(out / "runs" / "lora" / "adapter"))]
     if oracle:
         start = _stage("oracle: train on synthetic Cityscapes directly")
         _train("pretrain", "pretrain.yaml", out / "runs" / "target", size.pretrain_steps, processes,

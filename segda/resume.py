@@ -23,7 +23,8 @@ from segda.config import Config, old_size_list
 from segda.log import SegdaError, info, warn
 
 RESUME_KEYS = ("data.train", "data.batch_size", "data.crops_per_frame", "data.crop_size", "data.base_size",
-               "data.scale_range", "train.seed")
+               "data.scale_range", "train.seed", "data.target", "data.target_base_size", "adapt.method",
+               "adapt.rare_class_temperature")
 """Changing these between a checkpoint and its resume would change which samples or crops come next."""
 SEQUENTIAL_KEYS = ("data.workers", "data.shuffle_buffer")
 """Shard-by-shard reading (no byte offsets) also depends on these; indexed reading does not."""
@@ -52,6 +53,8 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool
     keys = RESUME_KEYS + (() if elastic else SEQUENTIAL_KEYS)
     for key in keys:
         old, new = _get(before, key), _get(cfg.to_dict(), key)
+        if old is None:  # a key newer than the checkpoint: it was running with that key's default
+            old = _get(Config().to_dict(), key)
         old = old_size_list(key.rsplit(".", 1)[-1], old) or old  # a checkpoint of segda < 0.3: sizes were lists
         if old != new:
             raise SegdaError(f"{key} was {old!r} when {path} was written, now {new!r}: resume with the same value "

@@ -24,12 +24,13 @@ from segda import adapters, atomic, checkpoint
 from segda.config import Config
 from segda.data.datasets import resolve_dataset, with_counts
 from segda import resume as resume_policy
-from segda.data.stream import START, elastic, training_batches
+from segda.data.stream import elastic
 from segda.guard import NonFiniteGuard
 from segda.preempt import CheckpointClock, Control, Preempted, StopSignals
 from segda.evaluate import evaluate_model
+from segda.methods import StepContext, build_method
 from segda.log import SegdaError, info, set_main_process, warn
-from segda.model import batchnorm_in_fp32, build_model, count_parameters, fingerprint, normalize, save_model, segmentation_loss
+from segda.model import batchnorm_in_fp32, build_model, count_parameters, fingerprint, normalize, save_model
 from segda.runinfo import run_info
 
 STAGES = ("pretrain", "adapt")
@@ -121,6 +122,8 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
     if val_ds is not None:
         val_ds.require_labels("data.val (evaluation)")
 
+    target_ds = _target_dataset(stage, cfg)
+    is_elastic = elastic(train_ds, cfg.data) and (target_ds is None or elastic(target_ds, cfg.data))
     if val_ds is not None and cfg.train.eval_max_samples and not val_ds.counts_known:
         raise SegdaError(f"train.eval_max_samples needs per-shard counts: point data.val at the manifest of "
                          f"{cfg.data.val}, or set train.eval_max_samples=0")
@@ -130,7 +133,7 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
                          "or choose another --out")
     saved = resume_policy.read_state(found) if found else None
     if saved is not None:  # may change train.grad_accum, which the Accelerator is built with
-        resume_policy.check_resumable(saved, cfg, stage, found, elastic=elastic(train_ds, cfg.data),
+        resume_policy.check_resumable(saved, cfg, stage, found, elastic=is_elastic,
                                       world=resume_policy.launched_world())
     accelerator = make_accelerator(cfg, out_dir)
     set_main_process(accelerator.is_main_process)
@@ -153,9 +156,21 @@ def _train(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: 
         batchnorm_in_fp32(model)
     torch.manual_seed(cfg.train.seed * 1000 + rank)  # dropout / drop-path differ per rank, as in open_clip
 
-    loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp, signals)
+    method = build_method(stage, cfg, train_ds, target_ds)
+    loop = _Loop(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp, signals,
+                 method, is_elastic)
     loop.restore(found, saved)
     return loop.run()
+
+
+def _target_dataset(stage: str, cfg: Config):
+    """adapt.method=selftrain: the target's frames (labels, if any, are never read by the method)."""
+    if cfg.adapt.method != "selftrain":
+        return None
+    if stage != "adapt":
+        raise SegdaError(f"adapt.method=selftrain trains an adapter: run it with `segda adapt`, not `segda {stage}`")
+    return with_counts(resolve_dataset(cfg.data.target, allow_pipe=cfg.data.allow_pipe),
+                       allow_pipe=cfg.data.allow_pipe)
 
 
 def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
@@ -172,7 +187,7 @@ def _deepspeed_batch(accelerator: Accelerator, cfg: Config) -> None:
 
 class _Loop:
     def __init__(self, stage, cfg, out_dir, accelerator, model, optimizer, scheduler, train_ds, val_ds, base_fp,
-                 signals: StopSignals):
+                 signals: StopSignals, method, is_elastic: bool):
         self.stage, self.cfg, self.out, self.acc = stage, cfg, out_dir, accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.base_fp = train_ds, val_ds, base_fp
@@ -188,7 +203,8 @@ class _Loop:
         self.guard = None if self.deepspeed or accelerator.scaler is not None else \
             NonFiniteGuard(optimizer, accelerator.device, model)
         self.forward = _compiled(model, cfg.train) if cfg.train.compile else model
-        self.position = dict(START)  # of the data order, after the last micro-batch trained on
+        self.method, self.elastic = method, is_elastic
+        self.position = method.start_position()  # of the data order, after the last micro-batch trained on
         self.control = Control(accelerator.num_processes)
         self.clock = CheckpointClock(cfg.train.checkpoint_minutes)
         self.signals = signals
@@ -221,6 +237,7 @@ class _Loop:
                 checkpoint.restore_rng(rng)
             else:  # a rank that did not exist when the checkpoint was written: a fresh dropout stream
                 torch.manual_seed(self.cfg.train.seed * 1000 + acc.process_index + 7919 * state["step"])
+        self._restore_method(path)
         self.scheduler.load_state_dict(state["scheduler"])
         resume_policy.apply_optim_config(self.optimizer, self.scheduler, acc.unwrap_model(self.model), self.cfg)
         if acc.scaler is not None and state.get("scaler"):
@@ -232,8 +249,23 @@ class _Loop:
         frames = self.cfg.data.batch_size // self.cfg.data.crops_per_frame
         saved_position = {k: v for k, v in (state.get("data") or {}).items() if k != "order"}
         self.position = saved_position or resume_policy.position_from_step(state, frames, self.train_ds, self.cfg)
-        info(f"resumed from {path} at step {self.step} (epoch {self.position['epoch']}, "
-             f"{self.position['consumed']} of its samples done)")
+        where = self.position.get("source", self.position)
+        info(f"resumed from {path} at step {self.step} (epoch {where['epoch']}, {where['consumed']} of its samples "
+             "done)")
+
+    def _restore_method(self, path: Path) -> None:
+        """The method's own state (self-training's EMA teacher), saved beside the model in every checkpoint."""
+        tensors = checkpoint.load_method_state(path)
+        module = self.acc.unwrap_model(self.model)
+        if tensors is None:
+            if self.method.state_dict() or self.method.name != "supervised":
+                raise SegdaError(f"{path} holds no state of the {self.method.name} method (written by another "
+                                 "method or an older segda): resume with the adapt.method it was written with")
+            return
+        try:
+            self.method.load_state_dict({k: v.to(self.acc.device) for k, v in tensors.items()}, module)
+        except ValueError as err:
+            raise SegdaError(f"{path}: {err}; resume with the lora.* settings it was written with") from err
 
     # ---- main loop ----------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -267,12 +299,12 @@ class _Loop:
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=self.stage, unit="step",
                    disable=not acc.is_main_process, dynamic_ncols=True)
         # One endless stream over epochs: its loader workers live across epoch boundaries.
-        batches = training_batches(self.train_ds, cfg.data, rank=acc.process_index, world=acc.num_processes,
-                                   seed=cfg.train.seed, position=self.position, pin_memory=acc.device.type == "cuda")
+        batches = self.method.batches(rank=acc.process_index, world=acc.num_processes, position=self.position,
+                                      pin_memory=acc.device.type == "cuda")
         self._train_mode()
         if self.guard is not None:
             self.guard.start_step()
-        epoch, skipped = self.position["epoch"], 0
+        epoch, skipped = self.position.get("source", self.position)["epoch"], 0
         stream = iter(batches)
         tick = time.perf_counter()
         try:
@@ -323,9 +355,7 @@ class _Loop:
         the device (the DeepSpeed path excepted): the loss and the finiteness verdict stay on it."""
         acc, cfg = self.acc, self.cfg
         with acc.accumulate(self.model):
-            pixels = normalize(batch["image"], acc.device, self.input_dtype, channels_last=cfg.train.channels_last)
-            logits = self.forward(pixel_values=pixels).logits
-            loss = segmentation_loss(logits, batch["label"].to(acc.device, non_blocking=True))
+            loss = self.method.loss(batch, self._student, self._context())
             if self.deepspeed and acc.mixed_precision != "fp16":
                 # its engine owns the optimizer step: check on the host before backward (under fp16, DeepSpeed's
                 # own loss scaler skips overflowing steps and lowers its scale, as Accelerate's does)
@@ -350,7 +380,18 @@ class _Loop:
             return False
         self.scheduler.step()
         self.step += 1
+        self.method.after_step(acc.unwrap_model(self.model), self.step)
         return True
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.acc.device, self.input_dtype, channels_last=self.cfg.train.channels_last)
+
+    def _student(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward(pixel_values=pixels).logits
+
+    def _context(self) -> StepContext:
+        return StepContext(self.acc.device, self.acc.unwrap_model(self.model), self._pixels, self.acc.autocast,
+                           self.acc.process_index, self.cfg.train.seed, self.step)
 
     def _check_loss_now(self, loss) -> None:
         losses = self.acc.gather(loss.detach()[None])
@@ -402,7 +443,9 @@ class _Loop:
 
     def _evaluate(self) -> dict:
         model = self.acc.unwrap_model(self.model)
-        result = evaluate_model(model, self.val_ds, self.cfg.data, self.acc, limit=self.cfg.train.eval_max_samples)
+        with self.method.kept_weights(model):  # self-training: the weights it will save (the EMA teacher)
+            result = evaluate_model(model, self.val_ds, self.cfg.data, self.acc,
+                                    limit=self.cfg.train.eval_max_samples)
         metrics = {"step": self.step, "val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"]}
         if result["miou"] >= self.best.get("val_miou", -1.0):
             self.best = metrics
@@ -419,7 +462,7 @@ class _Loop:
                  "best": self.best, "images": self.images, "train_seconds": self.train_seconds,
                  "data_wait_seconds": self.data_wait_seconds + self.window.data_wait,
                  "stage": self.stage, "config": self.cfg.to_dict(),
-                 "data": {**self.position, "order": "by_sample" if elastic(self.train_ds, self.cfg.data) else "by_shard"},
+                 "data": {**self.position, "order": "by_sample" if self.elastic else "by_shard"},
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
         final = checkpoint.checkpoint_dir(self.out, self.step)
         self.clock.reset()
@@ -427,6 +470,7 @@ class _Loop:
             acc.save_state(str(final / "deepspeed"))
             acc.wait_for_everyone()  # every rank's part is on disk before state.json marks the folder complete
             if acc.is_main_process:
+                checkpoint.save_method_state(final, self.method.state_dict())
                 atomic.write_json(final / "state.json", state)
                 checkpoint.prune(self.out, self.cfg.train.keep_checkpoints)
             acc.wait_for_everyone()
@@ -435,7 +479,8 @@ class _Loop:
         rng = [checkpoint.unpack_rng(t) for t in self.control.gather_bytes(checkpoint.pack_rng())]
         if acc.is_main_process:
             checkpoint.save_checkpoint(self.out, self.step, acc.unwrap_model(self.model).state_dict(),
-                                       self.optimizer, state, rng, self.cfg.train.keep_checkpoints)
+                                       self.optimizer, state, rng, self.cfg.train.keep_checkpoints,
+                                       method_state=self.method.state_dict())
         acc.wait_for_everyone()
 
     # ---- outputs ------------------------------------------------------------------------------------------
@@ -461,9 +506,12 @@ class _Loop:
         if acc.is_main_process:
             if self.stage == "pretrain":
                 save_model(model, self.out / "model")
-            else:
-                adapters.save_adapter(model, self.out / "adapter", base=_base_reference(self.cfg.model.name_or_path),
-                                      base_fingerprint=self.base_fp, config=self.cfg.to_dict(), metrics=final)
+            else:  # self-training also saves the adapter it does not keep (adapter-student or adapter-teacher)
+                for name, weights in self.method.saved_adapters(model):
+                    with weights:
+                        adapters.save_adapter(model, self.out / name, config=self.cfg.to_dict(),
+                                              base=_base_reference(self.cfg.model.name_or_path),
+                                              base_fingerprint=self.base_fp, metrics=final if name == "adapter" else {})
         summary = self._summary(status="done", wall=wall, final=final)
         if acc.is_main_process:
             atomic.write_json(self.out / "run.json", summary)
@@ -477,8 +525,9 @@ class _Loop:
         """DDP must keep every rank's weights equal: compare a checksum of the trainable tensors across ranks."""
         if self.acc.num_processes == 1:
             return True
-        with torch.no_grad():
-            local = torch.stack([p.detach().double().sum() for p in model.parameters() if p.requires_grad]).sum()
+        tensors = [p for p in model.parameters() if p.requires_grad] + list(self.method.state_dict().values())
+        with torch.no_grad():  # the student and the method's state (self-training's teacher) alike
+            local = torch.stack([t.detach().double().sum().to(self.acc.device) for t in tensors]).sum()
         sums = self.acc.gather(local.reshape(1).to(self.acc.device))
         return bool((sums == sums[0]).all())
 

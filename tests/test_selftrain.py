@@ -4,6 +4,7 @@ with classes from the source frame, the strong augmentation, and rare-class samp
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,192 @@ def test_two_streams_resume_from_their_recorded_position(gta5_manifest, cityscap
     for a, b in zip(taken[5:], again):
         assert a["source"]["key"] == b["source"]["key"] and a["target"]["key"] == b["target"]["key"]
         assert torch.equal(a["target"]["image"], b["target"]["image"])
+
+
+def test_manifests_list_each_frames_classes_as_the_labels_hold_them(gta5_manifest):
+    """Rare-class sampling draws frames by the classes they hold: the creator's bits against the stored labels."""
+    import io
+    import json
+    import tarfile
+
+    from segda.data.transforms import decode_label
+
+    manifest = json.loads(gta5_manifest.read_text())
+    checked = 0
+    for entry in manifest["shards"]:
+        assert len(entry["classes"]) == entry["num_samples"]
+        with tarfile.open(gta5_manifest.parent / entry["url"]) as tar:
+            labels = {}
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext == "label.png":
+                    labels[key] = decode_label(tar.extractfile(member).read())
+        for (key, _, _), bits in zip(entry["samples"], entry["classes"]):
+            counts = np.bincount(labels[key].ravel(), minlength=256)[:NUM_CLASSES]
+            held = {c for c in range(NUM_CLASSES) if counts[c] >= 0.003 * counts.sum() and counts[c] > 0}
+            assert {c for c in range(NUM_CLASSES) if bits >> c & 1} == held, key
+            checked += 1
+    assert checked == manifest["num_samples"] > 10
+
+
+def test_rare_class_order_draws_frames_with_the_formulas_frequencies():
+    """Frame c holds only class c: how often the epoch orders pick frame c is how often class c is drawn."""
+    from segda.selftrain import RareClassOrder
+
+    pixels = np.linspace(50, 1, NUM_CLASSES) ** 2 * 1000
+    order = RareClassOrder([1 << c for c in range(NUM_CLASSES)], pixels, temperature=0.05)
+    drawn = np.concatenate([order(NUM_CLASSES, 0, epoch) for epoch in range(2000)])
+    observed = np.bincount(drawn, minlength=NUM_CLASSES) / len(drawn)
+    expected = rare_class_probabilities(pixels, 0.05)
+    assert np.abs(observed - expected).max() < 0.01 and observed.argmax() == NUM_CLASSES - 1
+    assert np.array_equal(order(NUM_CLASSES, 0, 3), order(NUM_CLASSES, 0, 3)), "a function of (seed, epoch)"
+    # a class no frame holds (only slivers of it) is never drawn; the others share its probability
+    holders = [1 << c for c in range(NUM_CLASSES - 1)] + [1 << 0]
+    order = RareClassOrder(holders, pixels, temperature=0.05)
+    assert order.probabilities[NUM_CLASSES - 1] == 0 and abs(order.probabilities.sum() - 1) < 1e-12
+
+
+def _tiny_adapter():
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    from segda.adapters import attach_lora
+    from segda.config import LoraConfig
+
+    torch.manual_seed(0)
+    config = SegformerConfig(num_labels=NUM_CLASSES, hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=64)
+    return attach_lora(SegformerForSemanticSegmentation(config), LoraConfig())
+
+
+def test_the_teacher_is_an_ema_of_the_adapter_swapped_in_and_back():
+    from segda.config import Config
+    from segda.methods import SelfTraining
+
+    cfg = Config()
+    cfg.adapt.rare_class_temperature = 0
+    method, model = SelfTraining(None, None, cfg), _tiny_adapter()
+    model.train()
+    live = SelfTraining.adapter_tensors(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any("lora_B" in names[id(t)] for t in live) and any("classifier" in names[id(t)] for t in live)
+    assert not any("lora" not in names[id(t)] and "decode_head" not in names[id(t)] for t in live), \
+        "the teacher averages the adapter, never the frozen base"
+    start = [t.detach().clone() for t in live]
+    method._ensure_teacher(model)  # first use: a copy of the student (the source model)
+    assert all(torch.equal(t, s) for t, s in zip(method.teacher, start))
+    with torch.no_grad():
+        for t in live:
+            t.add_(1.0)  # the student moves
+    method.after_step(model, 1)  # momentum 0.5
+    for teacher, before in zip(method.teacher, start):
+        assert torch.allclose(teacher, before + 0.5)
+    method.after_step(model, 3)  # momentum 0.75: 0.75 * (s + .5) + 0.25 * (s + 1)
+    for teacher, before in zip(method.teacher, start):
+        assert torch.allclose(teacher, before + 0.625)
+    student = [t.detach().clone() for t in live]
+    with method.teacher_weights(model) as teacher_model:
+        assert not teacher_model.training and all(not m.training for m in model.modules())
+        assert all(torch.allclose(t, s + 0.625) for t, s in zip(live, start))
+    assert all(torch.equal(t, s) for t, s in zip(live, student)), "the student's values come back"
+    assert model.training
+    state = method.state_dict()
+    other = SelfTraining(None, None, cfg)
+    other.load_state_dict(state, model)
+    assert all(torch.equal(a, b) for a, b in zip(other.teacher, method.teacher))
+    with pytest.raises(ValueError, match="teacher"):
+        other.load_state_dict({k: v for k, v in list(state.items())[:-1]}, model)
+
+
+# ---- segda adapt with adapt.method=selftrain, as users run it ------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(scope="module")
+def uda_setup(tmp_path_factory, gta5_manifest):
+    """A tiny GTA5-pretrained base, and image-only target shards: no target label exists for the method to use."""
+    from helpers import TINY_MODEL, segda
+    from segda.shards.encode import EncodeOptions
+    from segda.shards.synth import synth_cityscapes
+    from segda.shards.writer import CreateOptions, create_shards, manifest_path
+
+    root = tmp_path_factory.mktemp("uda")
+    segda("pretrain", REPO / "configs" / "demo" / "pretrain.yaml", "--out", root / "base", "--max-steps", 3,
+          "--set", f"data.train={gta5_manifest}", "data.batch_size=2", "data.workers=0", "data.crop_size=64x64",
+          "data.base_size=160x88", TINY_MODEL)
+    synth_cityscapes(root / "raw", "train", 9, size=(160, 80))
+    create_shards("images", root / "raw" / "leftImg8bit", root / "target", EncodeOptions("images", "train"),
+                  CreateOptions(shard_size=4), progress=False)
+    return {"base": root / "base" / "model", "target": manifest_path(root / "target", "train")}
+
+
+def _selftrain_args(uda_setup, gta5_manifest, *extra) -> list[str]:
+    return ["adapt", str(REPO / "configs" / "demo" / "selftrain.yaml"), "--set", f"data.train={gta5_manifest}",
+            f"data.target={uda_setup['target']}", f"model.name_or_path={uda_setup['base']}", "data.batch_size=2",
+            "data.workers=1", "data.crop_size=64x64", "data.base_size=160x88", "data.target_base_size=160x80",
+            "adapt.ema_alpha=0.9", *extra]
+
+
+def _adapter(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_selftraining_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(tmp_path, uda_setup, gta5_manifest):
+    """kill -9 after the step-4 checkpoint, resume: the same teacher and student as a run never interrupted. The
+    lines of steps 1-4 are marked before the resume: a resume that restarted from step 0 would rewrite them."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import cpu_env, segda
+
+    args = _selftrain_args(uda_setup, gta5_manifest, "train.checkpoint_every=2", "train.log_samples=true")
+    steps = ["--max-steps", "7"]
+    segda(*args[:2], "--out", tmp_path / "straight", *steps, *args[2:])
+    victim = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "segda", *args[:2], "--out", str(victim), *steps, *args[2:]],
+                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (victim / "checkpoints" / "step-000004").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "adapter").exists(), "the run finished before the kill: the test proved nothing"
+    assert (victim / "checkpoints" / "step-000004" / "method.safetensors").is_file(), "the teacher is checkpointed"
+    log = victim / "samples" / "rank-0.jsonl"
+    marked = [{**json.loads(line), "before_kill": True} for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(m) + "\n" for m in marked))
+    segda(*args[:2], "--out", victim, "--resume", "auto", *steps, *args[2:])
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 8))
+    assert [x.get("before_kill", False) for x in lines] == [True] * 4 + [False] * 3, "resumed at step 4"
+    straight_lines = [json.loads(x) for x in (tmp_path / "straight" / "samples" / "rank-0.jsonl").read_text().splitlines()]
+    assert [x["keys"] for x in lines] == [x["keys"] for x in straight_lines]
+    for folder in ("adapter", "adapter-student"):
+        a, b = _adapter(tmp_path / "straight" / folder), _adapter(victim / folder)
+        worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert a.keys() == b.keys() and worst <= 1e-6, f"{folder}: resumed weights differ by {worst}"
+    teacher, student = _adapter(victim / "adapter"), _adapter(victim / "adapter-student")
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher), "the saved teacher is not the student"
+
+
+@pytest.mark.slow
+def test_two_process_selftraining_keeps_replicas_and_teachers_identical(tmp_path, uda_setup, gta5_manifest):
+    import json
+
+    from helpers import accelerate_launch
+
+    out = tmp_path / "ddp"
+    accelerate_launch(*_selftrain_args(uda_setup, gta5_manifest, "train.log_samples=true"), "--out", out,
+                      "--max-steps", "5", mixed_precision="bf16")
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["replicas_identical"] is True and run["mixed_precision"] == "bf16"
+    assert run["config"]["adapt"]["method"] == "selftrain" and (out / "adapter").is_dir()
+    ranks = [[json.loads(x) for x in (out / "samples" / f"rank-{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [len(r) for r in ranks] == [5, 5], "every rank steps equally"
+    for a, b in zip(*ranks):  # each step: 2 source + 2 target keys per rank; the ranks share no target frame
+        assert len(a["keys"]) == len(b["keys"]) == 4 and not set(a["keys"][2:]) & set(b["keys"][2:])
