@@ -139,12 +139,13 @@ def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = Fa
 
 
 def _sizes(out: Path) -> dict:
-    adapter = out / "runs" / "lora" / "adapter"
     full = out / "runs" / "source" / "model" / "model.safetensors"
-    meta = json.loads((adapter / "segda.json").read_text())
     run = json.loads((out / "runs" / "source" / "run.json").read_text())
-    adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
-    return {"adapter_bytes": adapter_bytes, "full_model_bytes": full.stat().st_size,
-            "adapter_to_model_size": round(adapter_bytes / full.stat().st_size, 4),
-            "adapter_trainable_parameters": meta["trainable_parameters"],
-            "model_parameters": run["total_parameters"]}
+    sizes = {"full_model_bytes": full.stat().st_size, "model_parameters": run["total_parameters"]}
+    for prefix, run_name in (("adapter", "lora"), ("uda_adapter", "uda")):
+        adapter = out / "runs" / run_name / "adapter"
+        meta = json.loads((adapter / "segda.json").read_text())
+        size = (adapter / "adapter_model.safetensors").stat().st_size
+        sizes.update({f"{prefix}_bytes": size, f"{prefix}_to_model_size": round(size / full.stat().st_size, 4),
+                      f"{prefix}_trainable_parameters": meta["trainable_parameters"]})
+    return sizes
