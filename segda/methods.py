@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from segda import selftrain
 from segda.classes import IGNORE
-from segda.data.stream import START, paired_batches, training_batches
+from segda.data.stream import START, paired_batches, reads_by_sample, training_batches
+from segda.log import SegdaError
 from segda.model import segmentation_loss
 
 
@@ -88,9 +89,10 @@ class SelfTraining:
     Teacher: the same base with an exponential moving average of the adapter's trainable tensors; no second
     model. Its values are swapped into the module for the
     teacher's forward and swapped back, which costs two copies of the adapter (~150k numbers) per step.
-    Each step the student sees one batch of 2B frames: B labelled source crops (cross-entropy) and B target
-    crops with half of a source crop's classes pasted in (ClassMix), strongly jittered and blurred, learnt from
-    the mixed labels weighted by the teacher's per-image confidence. One forward and one backward, as supervised.
+    Each step the teacher labels the B target crops (a forward without gradients), then the student sees one batch
+    of 2B frames: B labelled source crops (cross-entropy) and the B target crops with half of a source crop's
+    classes pasted in (ClassMix), strongly jittered and blurred, learnt from the mixed labels weighted by the
+    teacher's per-image confidence: one forward and one backward.
     """
 
     name = "selftrain"
@@ -99,8 +101,14 @@ class SelfTraining:
         self.source_ds, self.target_ds, self.cfg = source_ds, target_ds, cfg
         a = cfg.adapt
         self.alpha, self.threshold = a.ema_alpha, a.pseudo_threshold
-        self.source_order = selftrain.rare_class_order(source_ds, a.rare_class_temperature) \
-            if a.rare_class_temperature > 0 else None
+        self.source_order = None
+        if a.rare_class_temperature > 0:
+            if not reads_by_sample(source_ds, cfg.data):
+                raise SegdaError(f"rare-class sampling draws frames one by one, but {source_ds.spec} is read shard by "
+                                 "shard (no byte offsets in its manifest, or data.verify is on): index it with "
+                                 "`segda shards index MANIFEST`, turn data.verify off, or set "
+                                 "adapt.rare_class_temperature=0")
+            self.source_order = selftrain.rare_class_order(source_ds, a.rare_class_temperature)
         self.teacher: list[torch.Tensor] | None = None
         self.micro = 0  # micro-batches since the last optimizer step: seeds ClassMix under grad_accum
 
@@ -108,7 +116,8 @@ class SelfTraining:
         return {"source": dict(START), "target": dict(START)}
 
     def batches(self, *, rank: int, world: int, position: dict, pin_memory: bool):
-        target_cfg = self.cfg.data
+        # The target's labels, if its shards have any, must not even steer its crops (cat_max_ratio retries).
+        target_cfg = dataclasses.replace(self.cfg.data, cat_max_ratio=1.0)
         if target_cfg.target_base_size:
             target_cfg = dataclasses.replace(target_cfg, base_size=target_cfg.target_base_size)
         return paired_batches(self.source_ds, self.target_ds, self.cfg.data, target_cfg, rank=rank, world=world,
@@ -188,6 +197,8 @@ class SelfTraining:
         self.micro += 1
         # ClassMix masks from the CPU labels: `unique` on the host costs no device sync
         masks = torch.stack([selftrain.class_mix_mask(label, generator) for label in source["label"]])
+        if ctx.device.type == "cuda":
+            masks = masks.pin_memory()  # a pageable host copy would block the host until the device catches up
         source_pixels, target_pixels = ctx.pixels(source["image"]), ctx.pixels(target["image"])
         with torch.no_grad(), self.teacher_weights(ctx.module) as teacher, ctx.autocast():
             teacher_logits = teacher(pixel_values=target_pixels).logits

@@ -7,9 +7,9 @@
     image, label, weight = class_mix(mask, source_image, source_label, target_image, labels, weight)
     probabilities = rare_class_probabilities(class_pixels)   # P(c) ~ exp((1 - f_c) / T)
 
-Everything runs on tensors of the device the batch is on and none of it waits for the device (no .item(), no
-data-dependent shapes in the mixing), so the training step stays free of host-device syncs. Not yet wired into
-`segda adapt` (issue 13): these are the pieces the method will be built from.
+Everything but the ClassMix mask runs on the device the batch is on and none of it waits for the device (no
+.item(), no data-dependent shapes in the mixing); the mask is drawn from the CPU labels. `segda.methods.SelfTraining`
+puts the pieces together for `segda adapt` with adapt.method=selftrain.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ TEMPERATURE = 0.01
 
 
 def ema_momentum(step: int, alpha: float = ALPHA) -> float:
-    """The teacher's momentum at optimizer step `step` (0-based): min(1 - 1/(t+1), alpha). At step 0 it is 0, so
-    the teacher starts as a copy of the student; early steps follow the student closely."""
+    """The teacher's momentum after `step` optimizer steps: min(1 - 1/(t+1), alpha). At 0 it is 0 (the teacher is a
+    copy of the student); after the first step 0.5, as DAFormer's update at iteration 1; early steps follow the
+    student closely."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return min(1.0 - 1.0 / (step + 1), alpha)
@@ -56,7 +57,7 @@ def pseudo_labels(logits: torch.Tensor, threshold: float = THRESHOLD) -> tuple[t
 
 def class_mix_mask(source_label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(H, W) source train ids -> bool mask of the pixels of half its classes (DACS: ceil(n/2) of the n classes
-    present, IGNORE never chosen), drawn with `generator`. Runs in the loader (CPU), where `unique` costs no sync."""
+    present, IGNORE never chosen), drawn with `generator`. Runs on the CPU batch, where `unique` costs no sync."""
     classes = torch.unique(source_label)
     classes = classes[classes != IGNORE]
     chosen = classes[torch.randperm(len(classes), generator=generator)[:(len(classes) + 1) // 2]]
@@ -75,22 +76,28 @@ def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torc
 
 
 def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
-    """DACS' strong augmentation of the mixed images, on the device: colour jitter (brightness, contrast,
-    saturation; strength 0.2 as DACS) and, with probability `blur_p`, a Gaussian blur (sigma 0.15-1.15).
-    `images` are normalised (B, 3, H, W); statistics stay per image."""
+    """DACS' strong augmentation of the mixed images, on their device: colour jitter (brightness, contrast,
+    saturation; strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian blur (sigma 0.15-1.15,
+    one per batch: it sets the kernel's size). `images` are normalised (B, 3, H, W): the jitter acts on normalised
+    values, an approximation of DACS' jitter of 0-255 colours. `generator` is a CPU generator: on a GPU, the
+    per-image draws come from a device generator it seeds, so no draw is copied to the device (no sync)."""
     b = images.shape[0]
     device = images.device
+    on_device = generator
+    if device.type != "cpu":
+        on_device = torch.Generator(device=device)
+        on_device.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
 
     def draw(low: float, high: float) -> torch.Tensor:
-        return (low + (high - low) * torch.rand(b, 1, 1, 1, generator=generator)).to(device)
+        return low + (high - low) * torch.rand(b, 1, 1, 1, generator=on_device, device=device)
 
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     out = images + draw(-0.2, 0.2)  # brightness
     out = (out - mean) * draw(0.8, 1.2) + mean  # contrast
     grey = out.mean(dim=1, keepdim=True)
     out = (out - grey) * draw(0.8, 1.2) + grey  # saturation
-    blur = (torch.rand(b, generator=generator) < blur_p).to(device)
-    sigma = float(0.15 + torch.rand(1, generator=generator))
+    blur = torch.rand(b, generator=on_device, device=device) < blur_p
+    sigma = float(0.15 + torch.rand(1, generator=generator))  # the host's generator: reading it never syncs
     radius = max(1, int(round(2 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
@@ -150,8 +157,8 @@ def rare_class_order(ds, temperature: float) -> RareClassOrder:
     entries = (ds.manifest or {}).get("shards") or []
     if not entries or any("classes" not in e for e in entries):
         raise SegdaError(f"rare-class sampling needs each frame's classes, which {ds.spec} does not list (shards "
-                         "written by an older segda, or not a manifest): re-create the shards with `segda shards` (unchanged "
-                         "shards are re-used), or set adapt.rare_class_temperature=0")
+                         "written by an older segda, or not a manifest): re-create the shards with `segda shards`, or "
+                         "set adapt.rare_class_temperature=0")
     classes = [c for e in entries for c in e["classes"]]
     if len(classes) != ds.num_samples:
         raise SegdaError(f"{ds.spec} lists the classes of {len(classes)} frames for {ds.num_samples} samples: "

@@ -374,7 +374,7 @@ class _Loop:
                 warn(f"fp16 overflow at step {self.step + 1}: the gradient scaler skipped the update and lowered "
                      "its scale")
             self.optimizer.zero_grad(set_to_none=True)
-        self.images += len(batch["key"]) * acc.num_processes
+        self.images += len(batch.get("source", batch)["key"]) * acc.num_processes  # self-training: source crops
         self.window.add(loss.detach())
         if not acc.sync_gradients:
             return False

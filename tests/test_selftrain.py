@@ -330,3 +330,54 @@ def test_two_process_selftraining_keeps_replicas_and_teachers_identical(tmp_path
     assert [len(r) for r in ranks] == [5, 5], "every rank steps equally"
     for a, b in zip(*ranks):  # each step: 2 source + 2 target keys per rank; the ranks share no target frame
         assert len(a["keys"]) == len(b["keys"]) == 4 and not set(a["keys"][2:]) & set(b["keys"][2:])
+
+
+@pytest.mark.slow
+def test_after_one_step_the_saved_teacher_is_half_the_start_and_half_the_student(tmp_path, uda_setup, gta5_manifest):
+    """The loop updates the teacher after the optimizer step with DAFormer's momentum (0.5 after step 1): LoRA's B
+    starts at zero, so the teacher's B is half the student's; the classifier starts at the base's."""
+    from safetensors.torch import load_file
+
+    from helpers import segda
+
+    segda(*_selftrain_args(uda_setup, gta5_manifest), "--out", tmp_path / "one", "--max-steps", "1")
+    teacher, student = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "one" / "adapter-student")
+    base = load_file(str(uda_setup["base"] / "model.safetensors"))
+    b_keys = [k for k in student if "lora_B" in k]
+    assert b_keys and any(student[k].abs().max() > 0 for k in b_keys), "the student moved"
+    for k in b_keys:
+        assert torch.allclose(teacher[k], 0.5 * student[k], atol=1e-7), k
+    classifier = [k for k in student if "classifier.weight" in k]
+    assert classifier
+    for k in classifier:
+        start = base["decode_head.classifier.weight"]
+        assert torch.allclose(teacher[k], 0.5 * start + 0.5 * student[k], atol=1e-6), k
+
+
+def test_a_labelled_target_gives_the_crops_of_its_image_only_shards(tmp_path, gta5_manifest):
+    """The target's labels, when its shards have them, are never used: not even to steer its crops."""
+    from segda.config import Config
+    from segda.data.datasets import resolve_dataset
+    from segda.methods import SelfTraining
+    from segda.shards.encode import EncodeOptions
+    from segda.shards.synth import synth_cityscapes
+    from segda.shards.writer import CreateOptions, create_shards, manifest_path
+
+    synth_cityscapes(tmp_path / "raw", "train", 6, size=(160, 80))
+    for dataset, root in (("cityscapes", tmp_path / "raw"), ("images", tmp_path / "raw" / "leftImg8bit" / "train")):
+        create_shards(dataset, root, tmp_path / dataset, EncodeOptions(dataset, "train"), CreateOptions(shard_size=3),
+                      progress=False)
+    from segda.config import DataConfig
+
+    cfg = Config(data=DataConfig(batch_size=2, workers=0, crop_size="64x64", base_size="160x80",
+                                 cat_max_ratio=0.3))  # a strict ratio: labels would steer the crops
+    cfg.adapt.rare_class_temperature = 0
+    crops = {}
+    for dataset in ("cityscapes", "images"):
+        method = SelfTraining(resolve_dataset(str(gta5_manifest)),
+                              resolve_dataset(str(manifest_path(tmp_path / dataset, "train"))), cfg)
+        stream = method.batches(rank=0, world=1, position=method.start_position(), pin_memory=False)
+        crops[dataset] = [next(stream)["target"] for _ in range(3)]
+        stream.close()
+    for a, b in zip(crops["cityscapes"], crops["images"]):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])

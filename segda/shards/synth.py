@@ -94,7 +94,8 @@ _CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7,
 DEFAULT_GAP = 0.7
 """How far synthetic Cityscapes sits from synthetic GTA5 (0: the same look, 1: every class colour shifted, the
 camera look at full strength). At 0.7 a model trained on GTA5 alone scores about half of one trained on Cityscapes
-on Cityscapes, as source-only SegFormer does on the real pair (README, "The synthetic domain gap")."""
+on Cityscapes (measured by `segda demo --oracle`: README, "Quickstart"), as source-only SegFormer does on the real
+pair."""
 
 
 def _between(a, b, t: float):

@@ -227,7 +227,7 @@ def _reusable(out: Path, parts: Path, split: str, index: int, shard, fingerprint
         return None
     if record.get("fingerprint") != fingerprint or record.get("keys") != [s.key for s in shard]:
         return None
-    if "samples" not in record:  # written before manifests carried byte offsets
+    if "samples" not in record or "classes" not in record:  # written before manifests carried these
         return None
     if record.get("inputs") != _inputs_digest(shard):  # a raw file was edited, replaced or removed since
         return None
