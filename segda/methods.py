@@ -196,7 +196,9 @@ class SelfTraining:
             [ctx.seed, ctx.rank, ctx.step, self.micro, 0x5E1F]).integers(2 ** 62)))
         self.micro += 1
         # ClassMix masks from the CPU labels: `unique` on the host costs no device sync
-        masks = torch.stack([selftrain.class_mix_mask(label, generator) for label in source["label"]])
+        # Target crop i gets source crop i's classes; an epoch's last batch of one side may be shorter (cycle it)
+        pair = [i % len(source["key"]) for i in range(len(target["key"]))]
+        masks = torch.stack([selftrain.class_mix_mask(source["label"][i], generator) for i in pair])
         if ctx.device.type == "cuda":
             masks = masks.pin_memory()  # a pageable host copy would block the host until the device catches up
         source_pixels, target_pixels = ctx.pixels(source["image"]), ctx.pixels(target["image"])
@@ -206,8 +208,11 @@ class SelfTraining:
                                        align_corners=False)
         pseudo, weight = selftrain.pseudo_labels(teacher_logits, self.threshold)
         source_labels = source["label"].to(ctx.device, non_blocking=True)
+        pasted_pixels, pasted_labels = source_pixels, source_labels
+        if pair != list(range(len(source["key"]))):
+            pasted_pixels, pasted_labels = source_pixels[pair], source_labels[pair]
         mixed, mixed_labels, mixed_weight = selftrain.class_mix(
-            masks.to(ctx.device, non_blocking=True), source_pixels, source_labels, target_pixels, pseudo, weight)
+            masks.to(ctx.device, non_blocking=True), pasted_pixels, pasted_labels, target_pixels, pseudo, weight)
         mixed = selftrain.strong_photometric(mixed.float(), generator).to(source_pixels.dtype)
         logits = student(torch.cat([source_pixels, mixed]))
         b = source_pixels.shape[0]
