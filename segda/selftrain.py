@@ -138,16 +138,23 @@ class RareClassOrder:
         self.num_samples = len(classes)
 
     def __call__(self, num_samples: int, seed: int, epoch: int) -> np.ndarray:
+        return self.draws(num_samples, seed, epoch)[0]
+
+    def draws(self, num_samples: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(frames, the class each was drawn for) at every position of the epoch's order: the loader crops each
+        drawn frame around its class, as DAFormer does."""
         if num_samples != self.num_samples:
             raise ValueError(f"the order was built for {self.num_samples} samples, asked for {num_samples}")
-        rng = np.random.default_rng([seed, epoch, 0x2C5])
-        drawn = rng.choice(NUM_CLASSES, size=num_samples, p=self.probabilities)
-        picks = rng.random(num_samples)
-        order = np.empty(num_samples, np.int64)
-        for c in np.unique(drawn):
-            where = drawn == c
-            order[where] = self.holders[c][(picks[where] * len(self.holders[c])).astype(np.int64)]
-        return order
+        if getattr(self, "_last", (None,))[0] != (seed, epoch):
+            rng = np.random.default_rng([seed, epoch, 0x2C5])
+            drawn = rng.choice(NUM_CLASSES, size=num_samples, p=self.probabilities)
+            picks = rng.random(num_samples)
+            order = np.empty(num_samples, np.int64)
+            for c in np.unique(drawn):
+                where = drawn == c
+                order[where] = self.holders[c][(picks[where] * len(self.holders[c])).astype(np.int64)]
+            self._last = ((seed, epoch), (order, drawn))
+        return self._last[1]
 
 
 def rare_class_order(ds, temperature: float) -> RareClassOrder:

@@ -381,3 +381,33 @@ def test_a_labelled_target_gives_the_crops_of_its_image_only_shards(tmp_path, gt
         stream.close()
     for a, b in zip(crops["cityscapes"], crops["images"]):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
+def test_rare_class_draws_are_cropped_around_their_class_and_repeats_get_new_crops(gta5_manifest):
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.data.stream import TrainStream
+    from segda.data.transforms import RARE_CLASS_CROP_SHARE
+    from segda.selftrain import rare_class_order
+
+    ds = resolve_dataset(str(gta5_manifest))
+    order = rare_class_order(ds, 0.01)
+    cfg = DataConfig(batch_size=4, workers=0, crop_size="48x48", base_size="160x88", cat_max_ratio=1.0)
+    drawn = order.draws(ds.num_samples, 0, 0)[1]
+
+    def epoch(order_of):
+        stream = TrainStream(ds, cfg, rank=0, world=1, seed=0, order_of=order_of,
+                             num_batches=-(-ds.num_samples // 4))
+        crops = [(k, img, lab) for b in stream.worker_iter(0) for k, img, lab in zip(b["key"], b["image"], b["label"])]
+        held = [int((lab == int(c)).sum()) >= RARE_CLASS_CROP_SHARE * 48 * 48 for (_, _, lab), c in zip(crops, drawn)]
+        return crops, sum(held) / len(held)
+
+    crops, share = epoch(order)
+    _, share_without = epoch(order.__call__)  # the same frames, cropped without knowing the drawn class
+    assert share >= 0.85 and share > share_without + 0.1, (share, share_without)
+    seen = {}
+    for key, image, _ in crops:
+        seen.setdefault(key, []).append(image)
+    repeats = [images for images in seen.values() if len(images) > 1]
+    assert repeats, "rare-class sampling at T=0.01 draws some frames more than once an epoch"
+    assert all(not torch.equal(images[0], images[1]) for images in repeats), "a repeated draw got the same crop"

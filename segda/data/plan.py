@@ -80,10 +80,20 @@ def rank_batches(num_samples: int, rank: int, world: int, batch_size: int, seed:
     0, 1, ..., so every one of them is trained on exactly once and every rank has the same number of batches.
     `order_of(N, seed, epoch)` gives the epoch's order: `epoch_order`, or a sampled one (rare-class sampling).
     """
+    positions = rank_positions(num_samples, rank, world, batch_size, start, end)
+    if not positions:
+        return []
+    order = order_of(num_samples, seed, epoch)
+    return [order[p] for p in positions]
+
+
+def rank_positions(num_samples: int, rank: int, world: int, batch_size: int, start: int = 0,
+                   end: int | None = None) -> list[np.ndarray]:
+    """The positions in the epoch's order (not the samples) of each of this rank's batches: see `rank_batches`."""
     end = epoch_end(num_samples, world) if end is None else end
     if end - start < world:
         return []  # fewer samples left than ranks: they rest, like the N mod W remainder of every epoch
-    remaining = order_of(num_samples, seed, epoch)[start:end]
+    remaining = np.arange(start, end)
     share = len(remaining) // world
     mine = remaining[rank: share * world: world]
     batches = [mine[i:i + batch_size] for i in range(0, share, batch_size)]

@@ -67,20 +67,23 @@ class _Augmenter:
         self.cfg, self.seed = cfg, seed
         self.cat_max_ratio = cfg.cat_max_ratio if labeled else 1.0  # no classes to balance without labels
 
-    def crops(self, sample: dict, epoch: int, reader) -> list[tuple] | None:
+    def crops(self, sample: dict, epoch: int, reader, draw: tuple[int, int] | None = None) -> list[tuple] | None:
+        """`draw`: (position in the epoch's order, class) of a rare-class draw: the crop must hold that class, and
+        a frame drawn twice in an epoch gets two different crops."""
         key = sample["__key__"]
         try:
             image, label = decode_sample(sample)
         except T.DecodeError as err:
             reader._bad(f"sample {key} in {sample['__url__']}: {err}; skipped")
             return None
-        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode())])
-        return [(key, *self._augment(image, label, rng)) for _ in range(self.cfg.crops_per_frame)]
+        rng = np.random.default_rng([self.seed, epoch, zlib.crc32(key.encode()), *(draw[:1] if draw else ())])
+        want = draw[1] if draw else None
+        return [(key, *self._augment(image, label, rng, want)) for _ in range(self.cfg.crops_per_frame)]
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+    def _augment(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, want: int | None = None):
         cfg = self.cfg
         image, label = T.random_scale_crop(image, label, rng, cfg.base_size.wh, cfg.scale_range, cfg.crop_size.wh,
-                                           self.cat_max_ratio)
+                                           self.cat_max_ratio, want)
         if cfg.flip:
             image, label = T.random_flip(image, label, rng)
         if cfg.photometric:
@@ -147,10 +150,22 @@ class TrainStream(IterableDataset):
                                                        self.order_of))
         return self._cached[1]
 
+    def _draws(self, epoch: int, b: int, start: int, end: int) -> list:
+        """Rare-class sampling: (position, drawn class) of each sample of batch b; otherwise Nones."""
+        draws_of = getattr(self.order_of, "draws", None)
+        if draws_of is None:
+            return [None] * len(self._epoch_batches(epoch, start, end)[b])
+        positions = planning.rank_positions(self.ds.num_samples, self.rank, self.world, _frames_per_batch(self.cfg),
+                                            start, end)[b]
+        drawn = draws_of(self.ds.num_samples, self.seed, epoch)[1]
+        return [(int(p), int(drawn[p])) for p in positions]
+
     def _batch(self, reader: SampleReader, augmenter: _Augmenter, number: int, fetched) -> dict:
         epoch, b, start, end = self._locate(number)
         batches = self._epoch_batches(epoch, start, end)
-        frames = [[None if s is None else augmenter.crops(s, epoch, reader) for s in reader.read(fetched)]]
+        draws = self._draws(epoch, b, start, end)
+        frames = [[None if s is None else augmenter.crops(s, epoch, reader, d)
+                   for s, d in zip(reader.read(fetched), draws)]]
         while not any(c is not None for c in frames[-1]):  # all bad: borrow from the rank's next batches
             if len(frames) > len(batches):
                 raise SegdaError(f"rank {self.rank} found no readable sample in {self.ds.spec}; check the "

@@ -62,10 +62,14 @@ def warp_crop(array: np.ndarray, scale: float, x0: int, y0: int, out_w: int, out
                           borderValue=border)
 
 
+RARE_CLASS_CROP_SHARE = 0.0057
+"""A rare-class draw's crop is retried until the class covers this share of it (DAFormer: 1,500 px of 512x512)."""
+
+
 def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, base_size, scale_range,
-                      crop_wh, cat_max_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """Random rescale + random crop (+ mmseg's cat_max_ratio retries), padded to crop_wh (width, height) with
-    0 / IGNORE."""
+                      crop_wh, cat_max_ratio: float, want: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Random rescale + random crop (+ mmseg's cat_max_ratio retries, and for a rare-class draw, retries until
+    class `want` covers RARE_CLASS_CROP_SHARE of the crop), padded to crop_wh (width, height) with 0 / IGNORE."""
     height, width = label.shape
     scale = rescale_factor(height, width, base_size, rng.uniform(*scale_range))
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -75,7 +79,8 @@ def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
         y0 = int(rng.integers(0, new_h - out_h + 1))
         x0 = int(rng.integers(0, new_w - out_w + 1))
         label_crop = warp_crop(label, scale, x0, y0, out_w, out_h, True, IGNORE)
-        if cat_max_ratio >= 1.0 or _class_balance_ok(label_crop, cat_max_ratio):
+        holds = want is None or np.count_nonzero(label_crop == want) >= RARE_CLASS_CROP_SHARE * crop_w * crop_h
+        if holds and (cat_max_ratio >= 1.0 or _class_balance_ok(label_crop, cat_max_ratio)):
             break
     image_crop = warp_crop(image, scale, x0, y0, out_w, out_h, False, (0, 0, 0))
     if (out_h, out_w) != (crop_h, crop_w):
