@@ -211,6 +211,9 @@ class AdaptConfig:
     """selftrain: the teacher's EMA momentum, warmed up as min(1 - 1/(step + 1), ema_alpha) (DAFormer)."""
     pseudo_threshold: float = 0.968
     """selftrain: a target frame's pseudo-labels weigh its share of pixels the teacher is this sure of (DAFormer)."""
+    pseudo_weight: str = "image"
+    """selftrain: how a pseudo-label counts. image: each pixel weighs its image's share of confident pixels
+    (DAFormer); pixel: a pixel counts (weight 1) only if the teacher is confident of it (FixMatch)."""
     rare_class_temperature: float = 0.01
     """selftrain: rare-class sampling of source frames, P(c) ~ exp((1 - f_c) / T) (DAFormer: 0.01); 0 disables."""
     save: str = "teacher"
@@ -401,6 +404,7 @@ def validate(cfg: Config) -> None:
     _check(0 < a.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
     _check(a.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")
     _check(a.save in ("teacher", "student"), "adapt.save", f"must be teacher or student (got {a.save!r})")
+    _check(a.pseudo_weight in ("image", "pixel"), "adapt.pseudo_weight", f"must be image or pixel (got {a.pseudo_weight!r})")
 
 
 def _check(ok: bool, key: str, rule: str) -> None:

@@ -206,7 +206,8 @@ class SelfTraining:
             teacher_logits = teacher(pixel_values=target_pixels).logits
         teacher_logits = F.interpolate(teacher_logits.float(), size=target_pixels.shape[-2:], mode="bilinear",
                                        align_corners=False)
-        pseudo, weight = selftrain.pseudo_labels(teacher_logits, self.threshold)
+        pseudo, weight = selftrain.pseudo_labels(teacher_logits, self.threshold,
+                                                 per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
         source_labels = source["label"].to(ctx.device, non_blocking=True)
         pasted_pixels, pasted_labels = source_pixels, source_labels
         if pair != list(range(len(source["key"]))):

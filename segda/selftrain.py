@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from segda.classes import IGNORE, NUM_CLASSES
+from segda.data.transforms import MEAN, STD
 
 ALPHA = 0.999
 """DAFormer's EMA momentum of the teacher."""
@@ -47,11 +48,16 @@ def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentu
 
 
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, threshold: float = THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+def pseudo_labels(logits: torch.Tensor, threshold: float = THRESHOLD, per_pixel: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher logits (B, C, H, W) -> (labels (B, H, W) int64, weight (B, H, W) float): every pixel of an image
-    weighs the share of that image's pixels whose top softmax probability is >= threshold (DAFormer)."""
+    weighs the share of that image's pixels whose top softmax probability is >= threshold (DAFormer); `per_pixel`:
+    a pixel weighs 1 when its own top probability reaches the threshold, else 0 (FixMatch's rule)."""
     confidence, labels = F.softmax(logits.float(), dim=1).max(dim=1)
-    share = (confidence >= threshold).float().mean(dim=(1, 2))
+    confident = (confidence >= threshold).float()
+    if per_pixel:
+        return labels, confident
+    share = confident.mean(dim=(1, 2))
     return labels, share[:, None, None].expand_as(confidence).contiguous()
 
 
@@ -76,11 +82,11 @@ def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torc
 
 
 def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
-    """DACS' strong augmentation of the mixed images, on their device: colour jitter (brightness, contrast,
-    saturation; strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian blur (sigma 0.15-1.15,
-    one per batch: it sets the kernel's size). `images` are normalised (B, 3, H, W): the jitter acts on normalised
-    values, an approximation of DACS' jitter of 0-255 colours. `generator` is a CPU generator: on a GPU, the
-    per-image draws come from a device generator it seeds, so no draw is copied to the device (no sync)."""
+    """DACS' strong augmentation of the mixed images, on their device: colour jitter of the 0-1 colours
+    (brightness, contrast and saturation, strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian
+    blur (sigma 0.15-1.15, one per batch: it sets the kernel's size). `images` are normalised (B, 3, H, W): they are
+    jittered in colour space and normalised again. `generator` is a CPU generator: on a GPU the per-image draws
+    come from a device generator it seeds, so no draw is copied to the device (no sync)."""
     b = images.shape[0]
     device = images.device
     on_device = generator
@@ -91,11 +97,15 @@ def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p:
     def draw(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(b, 1, 1, 1, generator=on_device, device=device)
 
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    out = images + draw(-0.2, 0.2)  # brightness
-    out = (out - mean) * draw(0.8, 1.2) + mean  # contrast
-    grey = out.mean(dim=1, keepdim=True)
+    mean = torch.tensor(MEAN, device=device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device, dtype=images.dtype).view(1, 3, 1, 1)
+    out = images * std + mean  # 0-1 colours
+    out = out * draw(0.8, 1.2)  # brightness
+    grey = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - grey) * draw(0.8, 1.2) + grey  # contrast
+    grey = (0.299 * out[:, :1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:])
     out = (out - grey) * draw(0.8, 1.2) + grey  # saturation
+    out = (out.clamp(0, 1) - mean) / std
     blur = torch.rand(b, generator=on_device, device=device) < blur_p
     sigma = float(0.15 + torch.rand(1, generator=generator))  # the host's generator: reading it never syncs
     radius = max(1, int(round(2 * sigma)))

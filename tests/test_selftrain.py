@@ -40,6 +40,8 @@ def test_the_confidence_weight_is_each_images_share_of_confident_pixels():
     labels, weight = pseudo_labels(logits)
     assert (labels[0] == 3).all() and labels[1, 0, 0] == 5
     assert torch.equal(weight[0], torch.ones(2, 2)) and torch.allclose(weight[1], torch.full((2, 2), 0.25))
+    _, per_pixel = pseudo_labels(logits, per_pixel=True)  # FixMatch's rule: only the confident pixel counts
+    assert torch.equal(per_pixel[0], torch.ones(2, 2)) and torch.equal(per_pixel[1], torch.tensor([[1., 0], [0, 0]]))
     probs = torch.softmax(torch.tensor([4.0] + [0.0] * 18), 0).max()  # ~0.75: below 0.968
     assert probs < 0.968 and float(pseudo_labels(torch.tensor([4.0] + [0.0] * 18).view(1, 19, 1, 1))[1]) == 0
 
@@ -62,12 +64,21 @@ def test_class_mix_takes_half_the_source_classes_and_mixes_image_label_weight_by
     assert (weight[masks] == 1).all() and torch.allclose(weight[~masks], torch.tensor(0.3))
 
 
-def test_strong_photometric_changes_colours_but_keeps_shape_and_is_reproducible():
-    images = torch.randn(4, 3, 16, 16)
+def test_strong_photometric_jitters_colours_per_image_blurs_and_is_reproducible():
+    from segda.data.transforms import MEAN, STD
+
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    colours = torch.rand(16, 3, 16, 16) * 0.6 + 0.2
+    images = (colours - mean) / std
     a = strong_photometric(images, torch.Generator().manual_seed(1))
     b = strong_photometric(images, torch.Generator().manual_seed(1))
-    assert a.shape == images.shape and torch.equal(a, b) and not torch.allclose(a, images)
-    assert torch.isfinite(a).all()
+    assert a.shape == images.shape and torch.equal(a, b) and torch.isfinite(a).all()
+    out = a * std + mean
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6, "jittered in 0-1 colours, then normalised again"
+    ratio = out.mean(dim=(1, 2, 3)) / colours.mean(dim=(1, 2, 3))
+    assert ratio.std() > 0.02 and ((ratio > 0.7) & (ratio < 1.3)).all(), "brightness per image, within 0.8-1.2"
+    sharp = (out[..., 1:] - out[..., :-1]).abs().mean(dim=(1, 2, 3)) / (colours[..., 1:] - colours[..., :-1]).abs().mean()
+    assert (sharp < 0.75).any() and (sharp > 0.75).any(), "some images blurred, some not"
 
 
 def test_rare_class_sampling_follows_the_formula():
