@@ -53,7 +53,7 @@ def _add_synth(sub) -> None:
     p.add_argument("--no-quirks", action="store_true", help="gta5: no frames with image/label size mismatch")
     p.add_argument("--gap", type=_gap, default=None,
                    help="cityscapes: domain gap to synthetic GTA5, 0 (the game's look) to 1 (a camera's: dull colours, "
-                        "noise, blur, another camera and traffic); default 0.7, where a GTA5-trained model scores "
+                        "noise, blur, another camera and traffic); default 0.75, where a GTA5-trained model scores "
                         "about half the Cityscapes-trained one")
     p.set_defaults(run=_run_synth)
 

@@ -216,9 +216,9 @@ class AdaptConfig:
     (DAFormer); pixel: a pixel counts (weight 1) only if the teacher is confident of it (FixMatch)."""
     rare_class_temperature: float = 0.01
     """selftrain: rare-class sampling of source frames, P(c) ~ exp((1 - f_c) / T) (DAFormer: 0.01); 0 disables."""
-    save: str = "teacher"
-    """selftrain: which adapter RUN_DIR/adapter holds, teacher (EMA) or student; the other goes to
-    RUN_DIR/adapter-<other>."""
+    save: str = "student"
+    """selftrain: which adapter RUN_DIR/adapter holds, student or teacher (the EMA); the other goes to
+    RUN_DIR/adapter-<other>. The student scored 0.2-0.6 points above the teacher in every demo run measured."""
 
 
 ADAPT_METHODS = ("supervised", "selftrain")
@@ -396,10 +396,15 @@ def validate(cfg: Config) -> None:
     _check(lo.alpha > 0, "lora.alpha", "must be positive")
     _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
     _check(lo.head in HEAD_MODES, "lora.head", f"must be one of {', '.join(HEAD_MODES)} (got {lo.head!r})")
+    if d.target_base_size:  # a str field (empty allowed): --set and YAML values become a Size here
+        d.target_base_size = parse_size(str(d.target_base_size), "data.target_base_size")
     a = cfg.adapt
     _check(a.method in ADAPT_METHODS, "adapt.method", f"must be one of {', '.join(ADAPT_METHODS)} (got {a.method!r})")
     _check(a.method != "selftrain" or bool(d.target), "data.target",
            "must name the target's frames (a manifest or shard pattern) when adapt.method is selftrain")
+    for key in ("target", "target_base_size"):
+        _check(a.method == "selftrain" or not getattr(d, key), f"data.{key}",
+               "is read only by adapt.method=selftrain: set adapt.method=selftrain, or leave it empty")
     _check(0 < a.ema_alpha < 1, "adapt.ema_alpha", "must be in (0, 1)")
     _check(0 < a.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
     _check(a.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")

@@ -176,7 +176,8 @@ class SelfTraining:
 
     @contextmanager
     def kept_weights(self, module):
-        """adapt.save=teacher: the EMA teacher is what the run evaluates and saves (restored on exit)."""
+        """adapt.save=teacher: the EMA teacher is what the run evaluates and saves (restored on exit); student: the
+        student as trained."""
         if self.cfg.adapt.save != "teacher":
             yield
             return

@@ -4,6 +4,7 @@ with classes from the source frame, the strong augmentation, and rare-class samp
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -317,11 +318,11 @@ def test_selftraining_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(t
     assert [x.get("before_kill", False) for x in lines] == [True] * 4 + [False] * 3, "resumed at step 4"
     straight_lines = [json.loads(x) for x in (tmp_path / "straight" / "samples" / "rank-0.jsonl").read_text().splitlines()]
     assert [x["keys"] for x in lines] == [x["keys"] for x in straight_lines]
-    for folder in ("adapter", "adapter-student"):
+    for folder in ("adapter", "adapter-teacher"):  # adapt.save: student (the demo recipe's)
         a, b = _adapter(tmp_path / "straight" / folder), _adapter(victim / folder)
         worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
         assert a.keys() == b.keys() and worst <= 1e-6, f"{folder}: resumed weights differ by {worst}"
-    teacher, student = _adapter(victim / "adapter"), _adapter(victim / "adapter-student")
+    teacher, student = _adapter(victim / "adapter-teacher"), _adapter(victim / "adapter")
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher), "the saved teacher is not the student"
 
 
@@ -351,7 +352,8 @@ def test_after_one_step_the_saved_teacher_is_half_the_start_and_half_the_student
 
     from helpers import segda
 
-    segda(*_selftrain_args(uda_setup, gta5_manifest), "--out", tmp_path / "one", "--max-steps", "1")
+    segda(*_selftrain_args(uda_setup, gta5_manifest, "adapt.save=teacher"), "--out", tmp_path / "one",
+          "--max-steps", "1")
     teacher, student = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "one" / "adapter-student")
     base = load_file(str(uda_setup["base"] / "model.safetensors"))
     b_keys = [k for k in student if "lora_B" in k]
@@ -422,3 +424,22 @@ def test_rare_class_draws_are_cropped_around_their_class_and_repeats_get_new_cro
     repeats = [images for images in seen.values() if len(images) > 1]
     assert repeats, "rare-class sampling at T=0.01 draws some frames more than once an epoch"
     assert all(not torch.equal(images[0], images[1]) for images in repeats), "a repeated draw got the same crop"
+
+
+def test_selftraining_config_errors_name_the_key_and_the_fix():
+    from segda.config import load_config
+    from segda.log import SegdaError
+
+    cases = {("adapt.method=selftrain",): "data.target must name the target's frames",
+             ("data.target=shards/cs/train-manifest.json",): "data.target is read only by adapt.method=selftrain",
+             ("adapt.method=selftrain", "data.target=t", "adapt.pseudo_weight=pix"): "adapt.pseudo_weight must be image",
+             ("adapt.method=selftrain", "data.target=t", "adapt.save=ema"): "adapt.save must be teacher or student",
+             ("adapt.method=selftrian",): "adapt.method must be one of supervised, selftrain",
+             ("adapt.method=selftrain", "data.target=t", "adapt.ema_alpha=1"): "adapt.ema_alpha must be in (0, 1)",
+             ("adapt.method=selftrain", "data.target=t", "data.target_base_size=12"): None}
+    for overrides, message in cases.items():
+        if message is None:
+            assert load_config(None, list(overrides)).data.target_base_size == "12x12"
+            continue
+        with pytest.raises(SegdaError, match=re.escape(message)):
+            load_config(None, list(overrides))

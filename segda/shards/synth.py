@@ -91,10 +91,10 @@ class _Style:
 _GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, 0.0)
 _CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, 1.0)
 
-DEFAULT_GAP = 0.7
+DEFAULT_GAP = 0.75
 """How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look; 1 is the camera's full look (duller,
 darker colours; texture, colour cast, vignetting, blur and sensor noise at full strength; the other camera, traffic
-and crowds). At 0.7 a model trained on GTA5 alone scores about half of one trained on Cityscapes on Cityscapes
+and crowds). At 0.75 a model trained on GTA5 alone scores about half of one trained on Cityscapes on Cityscapes
 (measured by `segda demo --oracle`: README, "Quickstart"), as source-only SegFormer does on the real pair."""
 DESATURATION, DARKENING = 0.6, 0.25
 """At gap 1 every class colour keeps 40% of its saturation and 75% of its brightness: a camera's dull colours
