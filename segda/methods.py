@@ -211,8 +211,9 @@ class SelfTraining:
                                                  per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
         source_labels = source["label"].to(ctx.device, non_blocking=True)
         pasted_pixels, pasted_labels = source_pixels, source_labels
-        if pair != list(range(len(source["key"]))):
-            pasted_pixels, pasted_labels = source_pixels[pair], source_labels[pair]
+        if pair != list(range(len(source["key"]))):  # an index made on the device: no blocking copy
+            index = torch.arange(len(pair), device=ctx.device) % len(source["key"])
+            pasted_pixels, pasted_labels = source_pixels[index], source_labels[index]
         mixed, mixed_labels, mixed_weight = selftrain.class_mix(
             masks.to(ctx.device, non_blocking=True), pasted_pixels, pasted_labels, target_pixels, pseudo, weight)
         mixed = selftrain.strong_photometric(mixed.float(), generator).to(source_pixels.dtype)

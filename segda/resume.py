@@ -52,6 +52,8 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, elastic: bool
     before = saved.get("config", {})
     keys = RESUME_KEYS + (() if elastic else SEQUENTIAL_KEYS)
     for key in keys:
+        if key.startswith("data.target") and cfg.adapt.method != "selftrain":
+            continue  # read only by self-training (a supervised run's old value, if any, meant nothing)
         old, new = _get(before, key), _get(cfg.to_dict(), key)
         if old is None:  # a key newer than the checkpoint: it was running with that key's default
             old = _get(Config().to_dict(), key)

@@ -81,6 +81,17 @@ def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torc
     return image, label, weight
 
 
+_MEAN_STD: dict = {}
+
+
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's mean and std as (1, 3, 1, 1) tensors, copied to each device once (a copy waits)."""
+    key = (device, dtype)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device) for v in (MEAN, STD))
+    return _MEAN_STD[key]
+
+
 def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
     """DACS' strong augmentation of the mixed images, on their device: colour jitter of the 0-1 colours
     (brightness, contrast and saturation, strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian
@@ -97,8 +108,7 @@ def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p:
     def draw(low: float, high: float) -> torch.Tensor:
         return low + (high - low) * torch.rand(b, 1, 1, 1, generator=on_device, device=device)
 
-    mean = torch.tensor(MEAN, device=device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=device, dtype=images.dtype).view(1, 3, 1, 1)
+    mean, std = _mean_std(device, images.dtype)
     out = images * std + mean  # 0-1 colours
     out = out * draw(0.8, 1.2)  # brightness
     grey = out.mean(dim=(1, 2, 3), keepdim=True)

@@ -443,3 +443,81 @@ def test_selftraining_config_errors_name_the_key_and_the_fix():
             continue
         with pytest.raises(SegdaError, match=re.escape(message)):
             load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize("sizes", [(3, 4), (4, 3)])
+def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
+    """An epoch's last batch of one side can be shorter: target crop i takes source crop i mod B's classes."""
+    from contextlib import nullcontext
+
+    from segda.config import Config
+    from segda.methods import SelfTraining, StepContext
+    from segda.model import normalize
+
+    cfg = Config()
+    cfg.adapt.rare_class_temperature = 0
+    method, model = SelfTraining(None, None, cfg), _tiny_adapter()
+    model.train()
+    n_source, n_target = sizes
+    g = torch.Generator().manual_seed(0)
+
+    def side(n, labelled):
+        label = torch.randint(0, 5, (n, 32, 32), generator=g).to(torch.uint8) if labelled else \
+            torch.full((n, 32, 32), IGNORE, dtype=torch.uint8)
+        return {"image": torch.randint(0, 255, (n, 32, 32, 3), generator=g).to(torch.uint8), "label": label,
+                "key": [f"k{i}" for i in range(n)]}
+
+    batch = {"source": side(n_source, True), "target": side(n_target, False)}
+    ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
+    seen = []
+    loss = method.loss(batch, lambda pixels: seen.append(pixels.shape[0]) or model(pixel_values=pixels).logits, ctx)
+    assert seen == [n_source + n_target] and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_rare_class_draws_follow_each_ranks_positions_on_resume(gta5_manifest):
+    """Rank 1 of 4, resumed mid-epoch at position 5 with the `end` (20) a 5-rank run wrote: each sample's drawn
+    class is the one drawn at its own position of the epoch's order, the rest's extra sample included."""
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.data.stream import TrainStream
+    from segda.selftrain import rare_class_order
+
+    ds = resolve_dataset(str(gta5_manifest))
+    assert ds.num_samples == 21
+    order = rare_class_order(ds, 0.01)
+    frames, drawn = order.draws(ds.num_samples, 0, 0)
+    cfg = DataConfig(batch_size=2, workers=0, crop_size="48x48", base_size="160x88")
+    stream = TrainStream(ds, cfg, rank=1, world=4, seed=0, position={"epoch": 0, "consumed": 5, "end": 20},
+                         order_of=order)
+    batches = stream._epoch_batches(0, 5, 20)
+    positions = []
+    for b, samples in enumerate(batches):
+        draws = stream._draws(0, b, 5, 20)
+        assert [int(frames[p]) for p, _ in draws] == [int(i) for i in samples]
+        assert [c for _, c in draws] == [int(drawn[p]) for p, _ in draws]
+        positions += [p for p, _ in draws]
+    assert positions == [6, 10, 14, 18], "positions 5 + 1, + 5, + 9, and the 15 mod 4 rest's 5 + 13"
+
+
+def test_resume_compares_the_target_only_for_selftraining(tmp_path):
+    """A supervised checkpoint holding a stray data.target (accepted before) still resumes; a self-training one
+    refuses another target, and a checkpoint older than the adapt section counts as supervised."""
+    from segda.config import load_config
+    from segda.log import SegdaError
+    from segda.resume import check_resumable
+
+    supervised = load_config(None, [])
+    saved = {"stage": "adapt", "step": 2, "world_size": 1, "scheduler": {},
+             "config": {**supervised.to_dict(), "data": {**supervised.to_dict()["data"], "target": "old/t.json"}}}
+    check_resumable(saved, supervised, "adapt", tmp_path, elastic=True, world=1)
+    selftraining = load_config(None, ["adapt.method=selftrain", "data.target=new/t.json"])
+    saved = {**saved, "config": selftraining.to_dict()}
+    check_resumable(saved, selftraining, "adapt", tmp_path, elastic=True, world=1)
+    other = load_config(None, ["adapt.method=selftrain", "data.target=other/t.json"])
+    with pytest.raises(SegdaError, match="data.target was 'new/t.json'"):
+        check_resumable(saved, other, "adapt", tmp_path, elastic=True, world=1)
+    old = {**saved, "config": {k: v for k, v in supervised.to_dict().items() if k != "adapt"}}
+    with pytest.raises(SegdaError, match=r"data.target was '' .*now 'new/t.json'"):
+        check_resumable(old, selftraining, "adapt", tmp_path, elastic=True, world=1)

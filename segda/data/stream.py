@@ -171,8 +171,10 @@ class TrainStream(IterableDataset):
                 raise SegdaError(f"rank {self.rank} found no readable sample in {self.ds.spec}; check the "
                                  "warnings above")
             counted = reader.skipped
-            more = [self.ds.locate(int(i)) for i in batches[(b + len(frames)) % len(batches)]]
-            frames.append([None if s is None else augmenter.crops(s, epoch, reader) for s in reader.read(more)])
+            other = (b + len(frames)) % len(batches)
+            more = [self.ds.locate(int(i)) for i in batches[other]]
+            frames.append([None if s is None else augmenter.crops(s, epoch, reader, d)
+                           for s, d in zip(reader.read(more), self._draws(epoch, other, start, end))])
             reader.skipped = counted  # borrowed frames' problems belong to their own batch
         good = [c for c in frames[-1] if c is not None]
         filled = [c if c is not None else good[i % len(good)] for i, c in enumerate(frames[0])]
