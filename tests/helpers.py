@@ -53,3 +53,17 @@ def free_port_for_launch() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def segda_killed_at(marker: Path, *args, timeout: float = 120) -> None:
+    """Run `segda ARGS` and kill -9 it the moment `marker` (a checkpoint folder) exists: a crash, not a shutdown."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "segda", *map(str, args)], env=cpu_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -157,7 +157,6 @@ def test_two_streams_resume_from_their_recorded_position(gta5_manifest, cityscap
 
 def test_manifests_list_each_frames_classes_as_the_labels_hold_them(gta5_manifest):
     """Rare-class sampling draws frames by the classes they hold: the creator's bits against the stored labels."""
-    import io
     import json
     import tarfile
 
@@ -288,25 +287,14 @@ def test_selftraining_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(t
     """kill -9 after the step-4 checkpoint, resume: the same teacher and student as a run never interrupted. The
     lines of steps 1-4 are marked before the resume: a resume that restarted from step 0 would rewrite them."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
-    from helpers import cpu_env, segda
+    from helpers import segda, segda_killed_at
 
     args = _selftrain_args(uda_setup, gta5_manifest, "train.checkpoint_every=2", "train.log_samples=true")
     steps = ["--max-steps", "7"]
     segda(*args[:2], "--out", tmp_path / "straight", *steps, *args[2:])
     victim = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "segda", *args[:2], "--out", str(victim), *steps, *args[2:]],
-                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (victim / "checkpoints" / "step-000004").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    segda_killed_at(victim / "checkpoints" / "step-000004", *args[:2], "--out", victim, *steps, *args[2:])
     assert not (victim / "adapter").exists(), "the run finished before the kill: the test proved nothing"
     assert (victim / "checkpoints" / "step-000004" / "method.safetensors").is_file(), "the teacher is checkpointed"
     log = victim / "samples" / "rank-0.jsonl"

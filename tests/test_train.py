@@ -4,18 +4,13 @@ resume equality, the adapter's exact key set, plain-peft reload, the NaN guard a
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_MODEL, cpu_env, segda
+from helpers import TINY_MODEL, segda, segda_killed_at
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
@@ -201,13 +196,7 @@ def test_kill_minus_nine_and_resume_gives_the_uninterrupted_weights(tmp_path, gt
                     "data.crop_size=128x96", "data.photometric=true")]
     segda(*args[:2], "--out", tmp_path / "straight", *args[2:])
     victim = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "segda", *args[:2], "--out", str(victim), *args[2:]],
-                            env=cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (victim / "checkpoints" / "step-000006").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    segda_killed_at(victim / "checkpoints" / "step-000006", *args[:2], "--out", victim, *args[2:])
     assert not (victim / "model").exists(), "the run finished before the kill: the test proved nothing"
     segda(*args[:2], "--out", victim, "--resume", "auto", *args[2:])
     a, b = _final_tensors(tmp_path / "straight"), _final_tensors(victim)
