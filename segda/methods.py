@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from segda import selftrain
 from segda.classes import IGNORE
-from segda.data.stream import START, paired_batches, reads_by_sample, training_batches
-from segda.log import SegdaError
+from segda.data.stream import START, paired_batches, require_sample_by_sample, training_batches
 from segda.model import segmentation_loss
 
 
@@ -103,11 +102,7 @@ class SelfTraining:
         self.alpha, self.threshold = a.ema_alpha, a.pseudo_threshold
         self.source_order = None
         if a.rare_class_temperature > 0:
-            if not reads_by_sample(source_ds, cfg.data):
-                raise SegdaError(f"rare-class sampling draws frames one by one, but {source_ds.spec} is read shard by "
-                                 "shard (no byte offsets in its manifest, or data.verify is on): index it with "
-                                 "`segda shards index MANIFEST`, turn data.verify off, or set "
-                                 "adapt.rare_class_temperature=0")
+            require_sample_by_sample(source_ds, cfg.data)  # at start, not at the first batch
             self.source_order = selftrain.rare_class_order(source_ds, a.rare_class_temperature)
         self.teacher: list[torch.Tensor] | None = None
         self.micro = 0  # micro-batches since the last optimizer step: seeds ClassMix under grad_accum
@@ -125,6 +120,12 @@ class SelfTraining:
                               source_order_of=self.source_order)
 
     # ---- the teacher ---------------------------------------------------------------------------------------
+    def _live(self, module) -> list[torch.Tensor]:
+        """adapter_tensors(module), found once: the step swaps and averages them twice per step."""
+        if getattr(self, "_live_of", (None,))[0] is not module:
+            self._live_of = (module, self.adapter_tensors(module))
+        return self._live_of[1]
+
     @staticmethod
     def adapter_tensors(module) -> list[torch.Tensor]:
         """The tensors the teacher averages: every trainable parameter, in the module's order (the same on every
@@ -135,13 +136,13 @@ class SelfTraining:
 
     def _ensure_teacher(self, module) -> list[torch.Tensor]:
         if self.teacher is None:  # step 0: the teacher is a copy of the student (the source model)
-            self.teacher = [t.detach().float().clone() for t in self.adapter_tensors(module)]
+            self.teacher = [t.detach().float().clone() for t in self._live(module)]
         return self.teacher
 
     @contextmanager
     def teacher_weights(self, module):
         """The module with the teacher's values in place of the student's, in eval mode; restored on exit."""
-        live = self.adapter_tensors(module)
+        live = self._live(module)
         teacher = self._ensure_teacher(module)
         saved = [t.detach().clone() for t in live]
         modes = [m.training for m in module.modules()]
@@ -159,7 +160,7 @@ class SelfTraining:
     def after_step(self, module, step: int) -> None:
         """After optimizer step `step` (1-based): teacher <- m * teacher + (1 - m) * student."""
         teacher = self._ensure_teacher(module)
-        live = self.adapter_tensors(module)
+        live = self._live(module)
         ema_update(teacher, live, selftrain.ema_momentum(step, self.alpha))
         self.micro = 0
 

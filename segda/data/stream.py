@@ -51,6 +51,14 @@ def reads_by_sample(ds: Dataset, cfg: DataConfig) -> bool:
     return ds.indexed and not cfg.verify
 
 
+def require_sample_by_sample(ds: Dataset, cfg: DataConfig) -> None:
+    """Rare-class sampling draws frames one by one: refuse a dataset that can only be read shard by shard."""
+    if not reads_by_sample(ds, cfg):
+        raise SegdaError(f"rare-class sampling draws frames one by one, but {ds.spec} is read shard by shard (no "
+                         "byte offsets in its manifest, or data.verify is on): index it with `segda index "
+                         "MANIFEST`, turn data.verify off, or set adapt.rare_class_temperature=0")
+
+
 def _worker_index() -> int:
     info = get_worker_info()
     return 0 if info is None else info.id
@@ -404,10 +412,8 @@ def training_batches(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, see
     """
     _warn_unverifiable(ds, cfg)
     position = position or START
-    if order_of is not None and not reads_by_sample(ds, cfg):
-        raise SegdaError(f"rare-class sampling draws frames one by one, but {ds.spec} is read shard by shard ("
-                         "no byte offsets in its manifest, or data.verify is on): index it with `segda shards index "
-                         "MANIFEST`, turn data.verify off, or set adapt.rare_class_temperature=0")
+    if order_of is not None:
+        require_sample_by_sample(ds, cfg)
     if reads_by_sample(ds, cfg):
         stream = TrainStream(ds, cfg, rank=rank, world=world, seed=seed, position=position,
                              order_of=order_of or planning.epoch_order)
