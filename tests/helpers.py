@@ -12,9 +12,9 @@ TINY_MODEL = "model.config={hidden_sizes: [16, 32, 64, 128], decoder_hidden_size
 
 
 def cpu_env(**extra) -> dict:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+    # No GPU either: on a GPU machine, CPU processes of accelerate still pick a CUDA device by rank (its barrier)
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def segda(*args, timeout: int = 300, check: bool = True, **popen) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ DeepSpeed runs without ACCELERATE_USE_CPU (which would silently turn it into pla
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,10 @@ def launch(name: str, *args, cpu: bool = True, background: bool = False, **overr
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
     cmd += ["-m", "segda", *map(str, args)]
-    env = cpu_env() if cpu else {k: v for k, v in cpu_env().items() if k != "ACCELERATE_USE_CPU"}
+    env = cpu_env()
+    if not cpu:  # DeepSpeed: on the machine's GPUs, or on CPU processes (its own CPU accelerator) where none is
+        del env["ACCELERATE_USE_CPU"], env["CUDA_VISIBLE_DEVICES"]
+        env.update({k: v for k, v in os.environ.items() if k == "CUDA_VISIBLE_DEVICES"})
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -106,42 +110,51 @@ def test_multi_node_as_two_machines_on_one_host(tmp_path, gta5_manifest):
     assert run["images_seen"] == 2 * 2 * 2, "both machines' ranks must have trained"
 
 
-def test_deepspeed_zero2_as_shipped_trains_in_bf16_and_resumes(ddp_base, cityscapes_manifest, tmp_path):
-    """The shipped ZeRO-2 config with its bf16: 4 steps straight, and the same 4 steps resumed at step 2 from
-    its DeepSpeed checkpoint in a fresh folder. The resumed run trains steps 3 and 4 only, on the same samples,
-    and ends with the same adapter."""
+def test_deepspeed_zero2_as_shipped_selftrains_in_bf16_and_resumes(ddp_base, gta5_manifest, cityscapes_manifest,
+                                                                   tmp_path):
+    """The shipped ZeRO-2 config with its bf16 (DeepSpeed casts the model), running LoRA self-training, the loop's
+    largest step (source loss, EMA teacher, mixed target): 4 steps straight, and the same 4 steps resumed at step 2
+    from its DeepSpeed checkpoint in a fresh folder. The resumed run trains steps 3 and 4 only, on the same samples,
+    and ends with the same student and teacher. 2 CPU processes here; on a GPU machine, its GPUs."""
     pytest.importorskip("deepspeed", reason="install the deepspeed extra: DS_BUILD_OPS=0 pip install -e .[deepspeed]")
     config = shipped("deepspeed_zero2.yaml")
     assert config["mixed_precision"] == "bf16"
-    args = ["adapt", DEMO / "adapt.yaml", "--max-steps", 4,
-            *data_args(cityscapes_manifest, f"model.name_or_path={ddp_base / 'model'}", "train.checkpoint_every=2",
-                       "train.log_samples=true", f"data.val={cityscapes_manifest}")]
+    ranks = torch.cuda.device_count() or 2
+    args = ["adapt", DEMO / "selftrain.yaml", "--max-steps", 4,
+            *data_args(gta5_manifest, f"model.name_or_path={ddp_base / 'model'}", "train.checkpoint_every=2",
+                       "train.log_samples=true", f"data.val={cityscapes_manifest}",
+                       f"data.target={cityscapes_manifest}", "data.target_base_size=160x80", "adapt.ema_alpha=0.9")]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch("deepspeed_zero2.yaml", *args[:2], "--out", straight, *args[2:], cpu=False, num_processes=2,
+    launch("deepspeed_zero2.yaml", *args[:2], "--out", straight, *args[2:], cpu=False, num_processes=ranks,
            main_process_port=0)
-    run = run_record(straight, config, 2, "DEEPSPEED")
+    run = run_record(straight, config, ranks, "DEEPSPEED")
     assert run["final"]["val_miou"] > 0  # evaluation ran on the bf16 model too
+    assert (straight / "checkpoints" / "step-000002" / "method.safetensors").is_file(), "the teacher is checkpointed"
 
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(straight / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
     proc = launch("deepspeed_zero2.yaml", *args[:2], "--out", resumed, *args[2:], "--resume", "auto", cpu=False,
-                  num_processes=2, main_process_port=0)
+                  num_processes=ranks, main_process_port=0)
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
-    run_record(resumed, config, 2, "DEEPSPEED")
+    run_record(resumed, config, ranks, "DEEPSPEED")
 
     def steps(run_dir):
-        return {(rank, line["step"]): line["keys"] for rank in (0, 1) for line in map(
+        return {(rank, line["step"]): line["keys"] for rank in range(ranks) for line in map(
             json.loads, (run_dir / "samples" / f"rank-{rank}.jsonl").read_text().splitlines())}
 
     assert {s for _, s in steps(resumed)} == {3, 4}, "the resumed run must train steps 3 and 4 only"
     assert steps(resumed) == {k: v for k, v in steps(straight).items() if k[1] > 2}
-    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (straight, resumed))
-    assert a.keys() == b.keys()
-    assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.float32}, "saved in fp32, not bf16"
-    # ZeRO's fp32 master weights, not the bf16 module's values upcast
-    assert any(bool((v != v.bfloat16().float()).any()) for k, v in b.items() if "lora_" in k)
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-    assert worst <= 1e-6, f"the resumed adapter differs from the straight one by {worst}"
+    # GPU kernels (atomic adds in backward passes) are not bit-reproducible: the student came back within 1.2e-4 on
+    # an H200. A teacher lost on resume differs by 1e-3, a student restarted from scratch by far more.
+    tolerance = 5e-4 if torch.cuda.is_available() else 1e-6
+    for folder in ("adapter", "adapter-teacher"):  # the student (adapt.save: student) and the EMA teacher
+        a, b = (load_file(str(d / folder / "adapter_model.safetensors")) for d in (straight, resumed))
+        assert a.keys() == b.keys()
+        assert {v.dtype for v in b.values() if v.is_floating_point()} == {torch.float32}, "saved in fp32, not bf16"
+        # ZeRO's fp32 master weights (and the fp32 teacher), not the bf16 module's values upcast
+        assert any(bool((v != v.bfloat16().float()).any()) for k, v in b.items() if "lora_" in k), folder
+        worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+        assert worst <= tolerance, f"{folder}: the resumed weights differ from the straight run's by {worst}"
 
 
 def test_deepspeed_zero2_pretrain_as_shipped(tmp_path, gta5_manifest):
