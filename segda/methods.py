@@ -211,6 +211,11 @@ class SelfTraining:
         pseudo, weight = selftrain.pseudo_labels(teacher_logits, self.threshold,
                                                  per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
         source_labels = source["label"].to(ctx.device, non_blocking=True)
+        if self.cfg.adapt.colour_transfer:  # source crop i in the colours of the target crop it is mixed into
+            looks = target_pixels
+            if len(target["key"]) != len(source["key"]):
+                looks = target_pixels[torch.arange(len(source["key"]), device=ctx.device) % len(target["key"])]
+            source_pixels = selftrain.match_colours(source_pixels, looks)
         pasted_pixels, pasted_labels = source_pixels, source_labels
         if pair != list(range(len(source["key"]))):  # an index made on the device: no blocking copy
             index = torch.arange(len(pair), device=ctx.device) % len(source["key"])

@@ -92,6 +92,29 @@ def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return _MEAN_STD[key]
 
 
+# RGB (0-1) -> luma and two colour-difference axes (BT.601 YCbCr without offsets): a space where the camera's
+# brightness, contrast and saturation are each one channel's mean or spread, so per-channel statistics carry them
+_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Source images recoloured with the colour statistics of the target images they are paired with (Reinhard et
+    al.'s transfer, in YCbCr): each channel of source i takes target i's mean and spread, so a labelled game frame
+    comes out as dark, dull or tinted as the camera frame. Both (B, 3, H, W) normalised, on one device; the result
+    is clamped to the 0-1 colours and normalised again. No sync."""
+    if source.shape[0] != target.shape[0]:
+        raise ValueError(f"match_colours pairs images one to one: {source.shape[0]} source, {target.shape[0]} target")
+    mean, std = _mean_std(source.device, torch.float32)
+    to_ycc = _TO_YCC.to(source.device, non_blocking=True)
+    s = torch.einsum("ij,bjhw->bihw", to_ycc, source.float() * std + mean)
+    t = torch.einsum("ij,bjhw->bihw", to_ycc, target.float() * std + mean)
+    s_mean, s_std = s.mean(dim=(2, 3), keepdim=True), s.std(dim=(2, 3), keepdim=True)
+    t_mean, t_std = t.mean(dim=(2, 3), keepdim=True), t.std(dim=(2, 3), keepdim=True)
+    out = (s - s_mean) / (s_std + eps) * t_std + t_mean
+    rgb = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_ycc), out).clamp(0, 1)
+    return ((rgb - mean) / std).to(source.dtype)
+
+
 def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
     """DACS' strong augmentation of the mixed images, on their device: colour jitter of the 0-1 colours
     (brightness, contrast and saturation, strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian

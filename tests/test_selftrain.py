@@ -82,6 +82,34 @@ def test_strong_photometric_jitters_colours_per_image_blurs_and_is_reproducible(
     assert (sharp < 0.75).any() and (sharp > 0.75).any(), "some images blurred, some not"
 
 
+def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_statistics():
+    """Luma and chroma of source i take target i's mean and spread: a vivid bright frame becomes as dark and dull
+    as its camera frame (and not as the other one), keeping its own layout."""
+    from segda.data.transforms import MEAN, STD
+    from segda.selftrain import _TO_YCC, match_colours
+
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 3, 24, 32, generator=g)
+    dull = 0.25 + 0.1 * torch.rand(1, 1, 24, 32, generator=g) + torch.tensor([0.05, 0.0, -0.03]).view(1, 3, 1, 1)
+    bright = 0.4 + 0.5 * torch.rand(1, 3, 24, 32, generator=g)
+    target = torch.cat([dull, bright])
+    out = match_colours((source - mean) / std, (target - mean) / std) * std + mean
+
+    def stats(x):
+        ycc = torch.einsum("ij,bjhw->bihw", _TO_YCC, x)
+        return ycc.mean(dim=(2, 3)), ycc.std(dim=(2, 3))
+
+    (out_mean, out_std), (t_mean, t_std), (s_mean, _) = stats(out), stats(target), stats(source)
+    assert torch.allclose(out_mean, t_mean, atol=2e-3) and torch.allclose(out_std, t_std, atol=2e-3)
+    assert not torch.allclose(out_mean[0], s_mean[0], atol=0.05), "the source's own colours survived"
+    assert (out_mean[0, 0] - t_mean[1, 0]).abs() > 0.2, "paired with the wrong target"
+    # the layout is the source's: per pixel, luma ranks as the source's did
+    luma = lambda x: torch.einsum("j,bjhw->bhw", _TO_YCC[0], x)
+    assert torch.corrcoef(torch.stack([luma(out)[1].flatten(), luma(source)[1].flatten()]))[0, 1] > 0.99
+    assert 0 <= float(out.min()) and float(out.max()) <= 1 + 1e-6
+
+
 def test_rare_class_sampling_follows_the_formula():
     pixels = np.arange(1, NUM_CLASSES + 1, dtype=np.float64) * 1000
     pixels[5] = 0  # a class without pixels is never sampled
@@ -414,6 +442,47 @@ def test_rare_class_draws_are_cropped_around_their_class_and_repeats_get_new_cro
     assert all(not torch.equal(images[0], images[1]) for images in repeats), "a repeated draw got the same crop"
 
 
+def test_a_batch_of_unreadable_frames_borrows_the_next_batchs_rare_class_crops(gta5_manifest, tmp_path):
+    """Every frame of a rank's batch 0 unreadable: the batch is filled from batch 1, whose frames keep the rare-class
+    draws of their own positions, so the borrowed crops are exactly the ones batch 1 itself yields."""
+    import shutil
+    import tarfile
+
+    from segda.config import DataConfig
+    from segda.data.datasets import resolve_dataset
+    from segda.data.plan import rank_batches
+    from segda.data.stream import TrainStream
+    from segda.selftrain import rare_class_order
+
+    shutil.copytree(gta5_manifest.parent, tmp_path / "shards")
+    manifest = tmp_path / "shards" / gta5_manifest.name
+    ds = resolve_dataset(str(manifest))
+    order = rare_class_order(ds, 0.01)
+    seed = next(s for s in range(50) if not set(
+        (b := rank_batches(ds.num_samples, 0, 1, 4, s, 0, order_of=order))[0]) & set(b[1]))
+    cfg = DataConfig(batch_size=4, workers=0, crop_size="48x48", base_size="160x88", cat_max_ratio=1.0, verify=False)
+
+    def first_two(dataset):
+        stream = TrainStream(dataset, cfg, rank=0, world=1, seed=seed, order_of=order, num_batches=2)
+        return list(stream.worker_iter(0))
+
+    clean = first_two(ds)
+    for index in set(rank_batches(ds.num_samples, 0, 1, 4, seed, 0, order_of=order)[0]):
+        shard, position = ds.locate(int(index))
+        key, offset, size = ds.shards[shard].samples[position]
+        path = tmp_path / "shards" / Path(ds.shards[shard].url).name
+        with tarfile.open(path) as tar:  # garble the image's bytes, keep the tar readable
+            image = next(m for m in tar.getmembers() if m.name.startswith(key + ".") and "label" not in m.name)
+        with open(path, "r+b") as f:
+            f.seek(image.offset_data)
+            f.write(b"\x00" * image.size)
+    broken = first_two(resolve_dataset(str(manifest)))
+    assert broken[0]["skipped"] == 4 and broken[1]["skipped"] == 0
+    assert broken[0]["key"] == clean[1]["key"]
+    for part in ("image", "label"):
+        assert torch.equal(broken[0][part], clean[1][part]), f"borrowed {part}s differ from batch 1's own"
+
+
 def test_selftraining_config_errors_name_the_key_and_the_fix():
     from segda.config import load_config
     from segda.log import SegdaError
@@ -462,6 +531,40 @@ def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
     assert seen == [n_source + n_target] and torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("sizes", [(3, 2), (2, 3)])
+def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_crops_colours(sizes):
+    """adapt.colour_transfer: the source crops the student sees have the colour statistics of the target crop each
+    is paired with (i mod the target's length when a side's last batch is shorter), not their own."""
+    from contextlib import nullcontext
+
+    from segda.config import Config
+    from segda.data.transforms import MEAN, STD
+    from segda.methods import SelfTraining, StepContext
+    from segda.model import normalize
+
+    cfg = Config()
+    cfg.adapt.rare_class_temperature, cfg.adapt.colour_transfer = 0, True
+    method, model = SelfTraining(None, None, cfg), _tiny_adapter()
+    n_source, n_target = sizes
+    g = torch.Generator().manual_seed(0)
+    source = {"image": torch.randint(0, 255, (n_source, 32, 32, 3), generator=g).to(torch.uint8),
+              "label": torch.randint(0, 5, (n_source, 32, 32), generator=g).to(torch.uint8),
+              "key": [f"s{i}" for i in range(n_source)]}
+    # each target frame its own dim, flat colour with a little texture
+    levels = torch.tensor([30.0, 90.0, 150.0])[:n_target].view(-1, 1, 1, 1)
+    target_images = (levels + 20 * torch.rand(n_target, 32, 32, 3, generator=g)).to(torch.uint8)
+    target = {"image": target_images, "label": torch.full((n_target, 32, 32), IGNORE, dtype=torch.uint8),
+              "key": [f"t{i}" for i in range(n_target)]}
+    ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
+    seen = []
+    method.loss({"source": source, "target": target},
+                lambda pixels: seen.append(pixels) or model(pixel_values=pixels).logits, ctx)
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    learnt = (seen[0][:n_source] * std + mean).mean(dim=(1, 2, 3))
+    wanted = (target_images.float() / 255).mean(dim=(1, 2, 3))[torch.arange(n_source) % n_target]
+    assert torch.allclose(learnt, wanted, atol=0.01), (learnt, wanted)
 
 
 def test_rare_class_draws_follow_each_ranks_positions_on_resume(gta5_manifest):
