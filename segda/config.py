@@ -217,9 +217,10 @@ class AdaptConfig:
     rare_class_temperature: float = 0.01
     """selftrain: rare-class sampling of source frames, P(c) ~ exp((1 - f_c) / T) (DAFormer: 0.01); 0 disables."""
     colour_transfer: bool = False
-    """selftrain: each labelled source crop takes the colour statistics (mean and spread of luma and chroma) of the
-    target crop it is paired with before both losses (Reinhard et al.'s transfer): the source loss then teaches the
-    target's colours. Off in DAFormer; the demo recipe turns it on (measured in the README)."""
+    """selftrain: each labelled source crop takes the colour statistics (mean and spread of luma and chroma, the
+    spread scaled 0.25-4x at most) of the target crop it is mixed into, before both losses (Reinhard et al.'s
+    transfer; no label is read): the source loss then teaches the target's colours. Off in DAFormer; the demo
+    recipe turns it on (measured in the README)."""
     save: str = "student"
     """selftrain: which adapter RUN_DIR/adapter holds, student or teacher (the EMA); the other goes to
     RUN_DIR/adapter-<other>. The student scored 0.2-0.6 points above the teacher in every demo run measured."""

@@ -211,7 +211,9 @@ class SelfTraining:
         pseudo, weight = selftrain.pseudo_labels(teacher_logits, self.threshold,
                                                  per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
         source_labels = source["label"].to(ctx.device, non_blocking=True)
-        if self.cfg.adapt.colour_transfer:  # source crop i in the colours of the target crop it is mixed into
+        # Source crop i takes the colours of target crop i (i mod the target's length when the source's batch is
+        # longer), the crop it is mixed into; a longer target batch mixes source crop i mod B into its extra crops
+        if self.cfg.adapt.colour_transfer:
             looks = target_pixels
             if len(target["key"]) != len(source["key"]):
                 looks = target_pixels[torch.arange(len(source["key"]), device=ctx.device) % len(target["key"])]

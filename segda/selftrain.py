@@ -95,24 +95,40 @@ def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, t
 # RGB (0-1) -> luma and two colour-difference axes (BT.601 YCbCr without offsets): a space where the camera's
 # brightness, contrast and saturation are each one channel's mean or spread, so per-channel statistics carry them
 _TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_FROM_YCC = torch.linalg.inv(_TO_YCC)  # here, once: linalg.inv on a GPU syncs to check its result
+_YCC: dict = {}
+SPREAD_RATIO = (0.25, 4.0)
+"""match_colours scales a channel's spread by the target's / the source's, within these bounds: a flat target crop
+(sky, padding) must not flatten a labelled source crop into one colour."""
+
+
+def _ycc(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two matrices on `device`, copied there once (a copy from pageable memory waits)."""
+    if device not in _YCC:
+        _YCC[device] = (_TO_YCC.to(device), _FROM_YCC.to(device))
+    return _YCC[device]
 
 
 def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Source images recoloured with the colour statistics of the target images they are paired with (Reinhard et
-    al.'s transfer, in YCbCr): each channel of source i takes target i's mean and spread, so a labelled game frame
-    comes out as dark, dull or tinted as the camera frame. Both (B, 3, H, W) normalised, on one device; the result
-    is clamped to the 0-1 colours and normalised again. No sync."""
+    al.'s transfer, in YCbCr): each channel of source i takes target i's mean and (within SPREAD_RATIO of its own)
+    spread, so a labelled game frame comes out as dark, dull or tinted as the camera frame. Both (B, 3, H, W)
+    normalised, on one device; the result is clamped to the 0-1 colours, normalised again, in the source's dtype
+    and memory format. No sync."""
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"match_colours pairs images one to one: {source.shape[0]} source, {target.shape[0]} target")
     mean, std = _mean_std(source.device, torch.float32)
-    to_ycc = _TO_YCC.to(source.device, non_blocking=True)
+    to_ycc, from_ycc = _ycc(source.device)
     s = torch.einsum("ij,bjhw->bihw", to_ycc, source.float() * std + mean)
     t = torch.einsum("ij,bjhw->bihw", to_ycc, target.float() * std + mean)
     s_mean, s_std = s.mean(dim=(2, 3), keepdim=True), s.std(dim=(2, 3), keepdim=True)
     t_mean, t_std = t.mean(dim=(2, 3), keepdim=True), t.std(dim=(2, 3), keepdim=True)
-    out = (s - s_mean) / (s_std + eps) * t_std + t_mean
-    rgb = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(to_ycc), out).clamp(0, 1)
-    return ((rgb - mean) / std).to(source.dtype)
+    scale = (t_std / (s_std + eps)).clamp(*SPREAD_RATIO)
+    rgb = torch.einsum("ij,bjhw->bihw", from_ycc, (s - s_mean) * scale + t_mean).clamp(0, 1)
+    out = ((rgb - mean) / std).to(source.dtype)
+    if source.dim() == 4 and source.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:

@@ -161,9 +161,10 @@ def test_deepspeed_zero2_pretrain_as_shipped(tmp_path, gta5_manifest):
     """The issue's reproducer: `pretrain` under the shipped ZeRO-2 config crashed on its first forward in bf16."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "run"
+    ranks = torch.cuda.device_count() or 2  # a GPU machine's GPUs, else 2 CPU processes
     launch("deepspeed_zero2.yaml", "pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 2,
-           *data_args(gta5_manifest, TINY_MODEL), cpu=False, num_processes=2, main_process_port=0)
-    run_record(out, shipped("deepspeed_zero2.yaml"), 2, "DEEPSPEED")
+           *data_args(gta5_manifest, TINY_MODEL), cpu=False, num_processes=ranks, main_process_port=0)
+    run_record(out, shipped("deepspeed_zero2.yaml"), ranks, "DEEPSPEED")
     weights = load_file(str(out / "model" / "model.safetensors"))
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 

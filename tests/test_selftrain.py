@@ -90,8 +90,8 @@ def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_stati
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
-    source = torch.rand(2, 3, 24, 32, generator=g)
-    dull = 0.25 + 0.1 * torch.rand(1, 1, 24, 32, generator=g) + torch.tensor([0.05, 0.0, -0.03]).view(1, 3, 1, 1)
+    source = 0.2 + 0.6 * torch.rand(2, 3, 24, 32, generator=g)
+    dull = 0.25 + 0.2 * torch.rand(1, 3, 24, 32, generator=g) + torch.tensor([0.05, 0.0, -0.03]).view(1, 3, 1, 1)
     bright = 0.4 + 0.5 * torch.rand(1, 3, 24, 32, generator=g)
     target = torch.cat([dull, bright])
     out = match_colours((source - mean) / std, (target - mean) / std) * std + mean
@@ -108,6 +108,23 @@ def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_stati
     luma = lambda x: torch.einsum("j,bjhw->bhw", _TO_YCC[0], x)
     assert torch.corrcoef(torch.stack([luma(out)[1].flatten(), luma(source)[1].flatten()]))[0, 1] > 0.99
     assert 0 <= float(out.min()) and float(out.max()) <= 1 + 1e-6
+
+
+def test_colour_transfer_stays_in_range_keeps_a_flat_targets_source_visible_and_keeps_the_dtype():
+    from segda.data.transforms import MEAN, STD
+    from segda.selftrain import SPREAD_RATIO, _TO_YCC, match_colours
+
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    source = torch.rand(2, 3, 16, 16, generator=g)
+    bright = (0.8 + 0.4 * torch.rand(1, 3, 16, 16, generator=g)).clamp(0, 1)  # mean luma + 2 spreads > 1
+    flat = torch.full((1, 3, 16, 16), 0.4)
+    out = match_colours((source - mean) / std, (torch.cat([bright, flat]) - mean) / std) * std + mean
+    assert float(out.min()) >= -1e-6 and float(out.max()) <= 1 + 1e-6 and float(out[0].max()) > 1 - 1e-3
+    luma = lambda x: torch.einsum("j,bjhw->bhw", _TO_YCC[0], x)
+    assert luma(out)[1].std() >= SPREAD_RATIO[0] * luma(source)[1].std() * 0.99, "a flat target flattened the source"
+    half = match_colours(((source - mean) / std).bfloat16(), ((torch.cat([bright, flat]) - mean) / std).bfloat16())
+    assert half.dtype == torch.bfloat16 and torch.isfinite(half.float()).all()
 
 
 def test_rare_class_sampling_follows_the_formula():
@@ -478,9 +495,10 @@ def test_a_batch_of_unreadable_frames_borrows_the_next_batchs_rare_class_crops(g
             f.write(b"\x00" * image.size)
     broken = first_two(resolve_dataset(str(manifest)))
     assert broken[0]["skipped"] == 4 and broken[1]["skipped"] == 0
-    assert broken[0]["key"] == clean[1]["key"]
+    assert broken[0]["key"] == clean[1]["key"] and broken[1]["key"] == clean[1]["key"]
     for part in ("image", "label"):
         assert torch.equal(broken[0][part], clean[1][part]), f"borrowed {part}s differ from batch 1's own"
+        assert torch.equal(broken[1][part], clean[1][part]), f"batch 1's own {part}s changed"
 
 
 def test_selftraining_config_errors_name_the_key_and_the_fix():
@@ -535,36 +553,49 @@ def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
 
 @pytest.mark.parametrize("sizes", [(3, 2), (2, 3)])
 def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_crops_colours(sizes):
-    """adapt.colour_transfer: the source crops the student sees have the colour statistics of the target crop each
-    is paired with (i mod the target's length when a side's last batch is shorter), not their own."""
+    """adapt.colour_transfer: the source crops the student sees have the colour statistics (per channel: mean and
+    spread) of the target crop each is paired with (i mod the target's length when a side's last batch is shorter),
+    the crops pasted into the mixed half change with them, and without the flag the source crops are untouched."""
     from contextlib import nullcontext
 
     from segda.config import Config
     from segda.data.transforms import MEAN, STD
     from segda.methods import SelfTraining, StepContext
     from segda.model import normalize
+    from segda.selftrain import _TO_YCC
 
-    cfg = Config()
-    cfg.adapt.rare_class_temperature, cfg.adapt.colour_transfer = 0, True
-    method, model = SelfTraining(None, None, cfg), _tiny_adapter()
     n_source, n_target = sizes
     g = torch.Generator().manual_seed(0)
-    source = {"image": torch.randint(0, 255, (n_source, 32, 32, 3), generator=g).to(torch.uint8),
+    source = {"image": torch.randint(90, 190, (n_source, 32, 32, 3), generator=g).to(torch.uint8),
               "label": torch.randint(0, 5, (n_source, 32, 32), generator=g).to(torch.uint8),
               "key": [f"s{i}" for i in range(n_source)]}
-    # each target frame its own dim, flat colour with a little texture
-    levels = torch.tensor([30.0, 90.0, 150.0])[:n_target].view(-1, 1, 1, 1)
-    target_images = (levels + 20 * torch.rand(n_target, 32, 32, 3, generator=g)).to(torch.uint8)
+    tints = torch.tensor([[60.0, 40.0, 20.0], [20.0, 90.0, 60.0], [150.0, 120.0, 140.0]])[:n_target]
+    target_images = (tints.view(-1, 1, 1, 3) + 40 * torch.rand(n_target, 32, 32, 3, generator=g)).to(torch.uint8)
     target = {"image": target_images, "label": torch.full((n_target, 32, 32), IGNORE, dtype=torch.uint8),
               "key": [f"t{i}" for i in range(n_target)]}
-    ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
-    seen = []
-    method.loss({"source": source, "target": target},
-                lambda pixels: seen.append(pixels) or model(pixel_values=pixels).logits, ctx)
+
+    def student_inputs(colour_transfer: bool) -> torch.Tensor:
+        cfg = Config()
+        cfg.adapt.rare_class_temperature, cfg.adapt.colour_transfer = 0, colour_transfer
+        method, model = SelfTraining(None, None, cfg), _tiny_adapter()
+        ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
+        seen = []
+        method.loss({"source": source, "target": target},
+                    lambda pixels: seen.append(pixels) or model(pixel_values=pixels).logits, ctx)
+        return seen[0]
+
+    plain, recoloured = student_inputs(False), student_inputs(True)
+    assert torch.equal(plain[:n_source], normalize(source["image"], "cpu")), "without the flag: untouched"
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    learnt = (seen[0][:n_source] * std + mean).mean(dim=(1, 2, 3))
-    wanted = (target_images.float() / 255).mean(dim=(1, 2, 3))[torch.arange(n_source) % n_target]
-    assert torch.allclose(learnt, wanted, atol=0.01), (learnt, wanted)
+
+    def ycc_stats(x):
+        ycc = torch.einsum("ij,bjhw->bihw", _TO_YCC, x)
+        return torch.cat([ycc.mean(dim=(2, 3)), ycc.std(dim=(2, 3))], dim=1)
+
+    learnt = ycc_stats(recoloured[:n_source] * std + mean)
+    paired = ycc_stats(target_images.permute(0, 3, 1, 2).float() / 255)[torch.arange(n_source) % n_target]
+    assert torch.allclose(learnt, paired, atol=0.01), (learnt, paired)
+    assert not torch.allclose(plain[n_source:], recoloured[n_source:]), "the pasted source pixels kept their colours"
 
 
 def test_rare_class_draws_follow_each_ranks_positions_on_resume(gta5_manifest):
