@@ -114,7 +114,7 @@ def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3)
     al.'s transfer, in YCbCr): each channel of source i takes target i's mean and (within SPREAD_RATIO of its own)
     spread, so a labelled game frame comes out as dark, dull or tinted as the camera frame. Both (B, 3, H, W)
     normalised, on one device; the result is clamped to the 0-1 colours, normalised again, in the source's dtype
-    and memory format. No sync."""
+    and memory format. Nothing in it reads a device value (not measured on a GPU yet)."""
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"match_colours pairs images one to one: {source.shape[0]} source, {target.shape[0]} target")
     mean, std = _mean_std(source.device, torch.float32)
