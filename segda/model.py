@@ -97,9 +97,20 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-_MEAN = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-_STD = torch.tensor(STD).view(1, 3, 1, 1) * 255
-_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+MEAN_01 = torch.tensor(MEAN).view(1, 3, 1, 1)
+STD_01 = torch.tensor(STD).view(1, 3, 1, 1)
+"""The normalisation of 0-1 colours, as (1, 3, 1, 1) host constants (pass them through `on_device`)."""
+_MEAN, _STD = MEAN_01 * 255, STD_01 * 255
+_ON_DEVICE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def on_device(constant: torch.Tensor, device) -> torch.Tensor:
+    """`constant`, a module-level host tensor, copied to `device` once and kept: a copy from pageable memory waits
+    for the device, so the hot path must not make one per step."""
+    key = (id(constant), torch.device(device))
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = constant.to(device)
+    return _ON_DEVICE[key]
 
 
 def normalize(images: torch.Tensor, device, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
@@ -109,9 +120,7 @@ def normalize(images: torch.Tensor, device, dtype=torch.float32, channels_last: 
     copied to each device once, not per batch.
     """
     device = torch.device(device)
-    if device not in _ON_DEVICE:
-        _ON_DEVICE[device] = (_MEAN.to(device), _STD.to(device))
-    mean, std = _ON_DEVICE[device]
+    mean, std = on_device(_MEAN, device), on_device(_STD, device)
     x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     x = ((x - mean) / std).to(dtype)
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

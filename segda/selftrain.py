@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from segda.classes import IGNORE, NUM_CLASSES
-from segda.data.transforms import MEAN, STD
+from segda.model import MEAN_01, STD_01, on_device
 
 ALPHA = 0.999
 """DAFormer's EMA momentum of the teacher."""
@@ -81,32 +81,13 @@ def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torc
     return image, label, weight
 
 
-_MEAN_STD: dict = {}
-
-
-def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The normalisation's mean and std as (1, 3, 1, 1) tensors, copied to each device once (a copy waits)."""
-    key = (device, dtype)
-    if key not in _MEAN_STD:
-        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device) for v in (MEAN, STD))
-    return _MEAN_STD[key]
-
-
 # RGB (0-1) -> luma and two colour-difference axes (BT.601 YCbCr without offsets): a space where the camera's
 # brightness, contrast and saturation are each one channel's mean or spread, so per-channel statistics carry them
 _TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 _FROM_YCC = torch.linalg.inv(_TO_YCC)  # here, once: linalg.inv on a GPU syncs to check its result
-_YCC: dict = {}
 SPREAD_RATIO = (0.25, 4.0)
 """match_colours scales a channel's spread by the target's / the source's, within these bounds: a flat target crop
 (sky, padding) must not flatten a labelled source crop into one colour."""
-
-
-def _ycc(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two matrices on `device`, copied there once (a copy from pageable memory waits)."""
-    if device not in _YCC:
-        _YCC[device] = (_TO_YCC.to(device), _FROM_YCC.to(device))
-    return _YCC[device]
 
 
 def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
@@ -117,8 +98,8 @@ def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3)
     and memory format. Nothing in it reads a device value (not measured on a GPU yet)."""
     if source.shape[0] != target.shape[0]:
         raise ValueError(f"match_colours pairs images one to one: {source.shape[0]} source, {target.shape[0]} target")
-    mean, std = _mean_std(source.device, torch.float32)
-    to_ycc, from_ycc = _ycc(source.device)
+    mean, std = on_device(MEAN_01, source.device), on_device(STD_01, source.device)
+    to_ycc, from_ycc = on_device(_TO_YCC, source.device), on_device(_FROM_YCC, source.device)
     s = torch.einsum("ij,bjhw->bihw", to_ycc, source.float() * std + mean)
     t = torch.einsum("ij,bjhw->bihw", to_ycc, target.float() * std + mean)
     s_mean, s_std = s.mean(dim=(2, 3), keepdim=True), s.std(dim=(2, 3), keepdim=True)
@@ -139,15 +120,15 @@ def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p:
     come from a device generator it seeds, so no draw is copied to the device (no sync)."""
     b = images.shape[0]
     device = images.device
-    on_device = generator
+    draws_from = generator
     if device.type != "cpu":
-        on_device = torch.Generator(device=device)
-        on_device.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        draws_from = torch.Generator(device=device)
+        draws_from.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
 
     def draw(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(b, 1, 1, 1, generator=on_device, device=device)
+        return low + (high - low) * torch.rand(b, 1, 1, 1, generator=draws_from, device=device)
 
-    mean, std = _mean_std(device, images.dtype)
+    mean, std = on_device(MEAN_01, device), on_device(STD_01, device)
     out = images * std + mean  # 0-1 colours
     out = out * draw(0.8, 1.2)  # brightness
     grey = out.mean(dim=(1, 2, 3), keepdim=True)
@@ -155,7 +136,7 @@ def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p:
     grey = (0.299 * out[:, :1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:])
     out = (out - grey) * draw(0.8, 1.2) + grey  # saturation
     out = (out.clamp(0, 1) - mean) / std
-    blur = torch.rand(b, generator=on_device, device=device) < blur_p
+    blur = torch.rand(b, generator=draws_from, device=device) < blur_p
     sigma = float(0.15 + torch.rand(1, generator=generator))  # the host's generator: reading it never syncs
     radius = max(1, int(round(2 * sigma)))
     x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=device)

@@ -150,23 +150,26 @@ class TrainStream(IterableDataset):
         epoch, b, start, end = self._locate(number)
         return reader.fetch([self.ds.locate(int(i)) for i in self._epoch_batches(epoch, start, end)[b]])
 
-    def _epoch_batches(self, epoch: int, start: int, end: int) -> list[np.ndarray]:
+    def _epoch_plan(self, epoch: int, start: int, end: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(samples, positions in the epoch's order) of each of this rank's batches, made once per epoch."""
         key = (epoch, start, end)
         if getattr(self, "_cached", (None,))[0] != key:
-            self._cached = (key, planning.rank_batches(self.ds.num_samples, self.rank, self.world,
-                                                       _frames_per_batch(self.cfg), self.seed, epoch, start, end,
-                                                       self.order_of))
-        return self._cached[1]
+            args = self.ds.num_samples, self.rank, self.world, _frames_per_batch(self.cfg)
+            self._cached = (key, planning.rank_batches(*args, self.seed, epoch, start, end, self.order_of),
+                            planning.rank_positions(*args, start, end))
+        return self._cached[1], self._cached[2]
+
+    def _epoch_batches(self, epoch: int, start: int, end: int) -> list[np.ndarray]:
+        return self._epoch_plan(epoch, start, end)[0]
 
     def _draws(self, epoch: int, b: int, start: int, end: int) -> list:
         """Rare-class sampling: (position, drawn class) of each sample of batch b; otherwise Nones."""
+        batches, positions = self._epoch_plan(epoch, start, end)
         draws_of = getattr(self.order_of, "draws", None)
         if draws_of is None:
-            return [None] * len(self._epoch_batches(epoch, start, end)[b])
-        positions = planning.rank_positions(self.ds.num_samples, self.rank, self.world, _frames_per_batch(self.cfg),
-                                            start, end)[b]
+            return [None] * len(batches[b])
         drawn = draws_of(self.ds.num_samples, self.seed, epoch)[1]
-        return [(int(p), int(drawn[p])) for p in positions]
+        return [(int(p), int(drawn[p])) for p in positions[b]]
 
     def _batch(self, reader: SampleReader, augmenter: _Augmenter, number: int, fetched) -> dict:
         epoch, b, start, end = self._locate(number)
