@@ -167,22 +167,22 @@ def test_domain_gap_is_large_and_cityscapes_stays_learnable(frames):
 
 
 def test_the_domain_gap_is_adjustable_from_the_game_look_to_the_full_shift(tmp_path):
-    from segda.shards import synth
+    from segda.shards import scene
 
-    assert synth.target_style(0.0) == synth._GTA5, "gap 0: the game's look"
-    full = synth.target_style(1.0)
-    assert (full.photo, full.traffic, full.persons, full.focal) == (1.0, *[getattr(synth._CITY, f) for f in
+    assert scene.target_style(0.0) == scene._GTA5, "gap 0: the game's look"
+    full = scene.target_style(1.0)
+    assert (full.photo, full.traffic, full.persons, full.focal) == (1.0, *[getattr(scene._CITY, f) for f in
                                                                           ("traffic", "persons", "focal")])
-    for name, colours in synth._GTA5_COLOURS.items():  # duller and darker, each class keeping its own hue
+    for name, colours in scene._GTA5_COLOURS.items():  # duller and darker, each class keeping its own hue
         for game, camera in zip(colours, full.colours[name]):
             assert max(camera) - min(camera) <= 0.4 * 0.75 * (max(game) - min(game)) + 1.5, name
             assert sum(camera) <= 0.75 * sum(game) + 3, name
-    half = synth.target_style(0.5)
+    half = scene.target_style(0.5)
     assert half.photo == 0.5 and half.traffic == (2, 6)
     with pytest.raises(ValueError, match="gap"):
-        synth.target_style(1.5)
+        scene.target_style(1.5)
     # the frames themselves: the sky's colour moves away from GTA5's as the gap grows
-    gta, city = synth._GTA5_COLOURS["sky"][0], full.colours["sky"][0]
+    gta, city = scene._GTA5_COLOURS["sky"][0], full.colours["sky"][0]
     skies = []
     for gap in (0.0, 0.5, 1.0):
         root = tmp_path / str(gap)
