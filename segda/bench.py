@@ -159,7 +159,7 @@ def bench_train(crop=(256, 256), batch: int = 4, steps: int = 3, repeats: int = 
     """segda's step (uint8 batch normalised on the device, bf16 autocast, fused AdamW with the on-device
     non-finite guard, ignore-aware loss) against a plain transformers loop (fp32 eager, float batch, the model's
     own loss). `compile` adds segda's step under torch.compile, measured in the same rounds."""
-    from segda.guard import NonFiniteGuard
+    from segda.train.guard import NonFiniteGuard
     from segda.model import build_model, normalize, segmentation_loss
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

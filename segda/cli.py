@@ -135,14 +135,19 @@ def _add_shards(sub) -> None:
 
 def _add_index(sub) -> None:
     p = sub.add_parser("index", help="add per-sample byte offsets to a manifest written by segda < 0.2")
-    p.add_argument("manifest", help="a local *-manifest.json whose shards sit beside it")
-    p.set_defaults(run=lambda args: _run_index(args.manifest))
+    p.add_argument("spec", help="a local *-manifest.json whose shards sit beside it (rewritten in place); with "
+                   "--out, any manifest or shard pattern, local, http(s):// or s3://")
+    p.add_argument("--out", default=None, help="write the indexed manifest here (reads every shard once)")
+    p.set_defaults(run=_run_index)
 
 
-def _run_index(manifest: str) -> int:
-    from segda.shards.writer import index_manifest
+def _run_index(args) -> int:
+    from segda.shards.writer import index_manifest, index_to
 
-    index_manifest(manifest)
+    if args.out:
+        index_to(args.spec, args.out)
+    else:
+        index_manifest(args.spec)
     return 0
 
 
@@ -182,7 +187,7 @@ def _run_train(args) -> int:
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     cfg = load_config(args.config, overrides)
-    from segda.preempt import EXIT_PREEMPTED, Preempted
+    from segda.train.preempt import EXIT_PREEMPTED, Preempted
 
     try:
         train(args.stage, cfg, args.out, resume=args.resume)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from segda import configfile
+from segda.compat import drop_retired, is_retired, old_size_list, size_list_fix
+from segda.configfile import check
 from segda.log import SegdaError
 
 
@@ -27,6 +27,9 @@ class Size(str):
 
     `.wh` and `.hw` give the numbers in the order an API wants them; nothing else should split the text.
     """
+
+    MAX = 1 << 16
+    """Neither side may exceed this: no image segda reads or writes is larger."""
 
     @property
     def wh(self) -> tuple[int, int]:
@@ -37,10 +40,10 @@ class Size(str):
     def hw(self) -> tuple[int, int]:
         return self.wh[::-1]
 
-
-# Before segda 0.3 sizes were lists, in two orders: crop_size [height, width] beside base_size and eval_size
-# [width, height]. A list is refused with the exact text to write, computed from the order it was written in.
-_OLD_LIST_ORDER = {"crop_size": "hw", "base_size": "wh", "eval_size": "wh"}
+    @classmethod
+    def parse(cls, value, what: str) -> "Size":
+        """"WxH" (or a whole number N for NxN) -> Size; anything else raises a SegdaError saying how to write it."""
+        return parse_size(value, what)
 
 
 def parse_size(value, what: str) -> Size:
@@ -49,25 +52,15 @@ def parse_size(value, what: str) -> Size:
     if text.isascii() and text.isdigit():
         text = f"{text}x{text}"
     parts = text.replace(" ", "").split("x")
-    if len(parts) == 2 and all(p.isascii() and p.isdigit() and int(p) >= 1 for p in parts):
+    if len(parts) == 2 and all(p.isascii() and p.isdigit() and 1 <= int(p) <= Size.MAX for p in parts):
         return Size(f"{int(parts[0])}x{int(parts[1])}")
     name = what.rsplit(".", 1)[-1]
     migrated = old_size_list(name, value)
-    if migrated is not None:
-        order = "width, height" if _OLD_LIST_ORDER[name] == "wh" else "height, width"
-        fix = f"{what}={migrated}" if what.startswith("--set ") else f"{name}: {migrated}"
-        raise SegdaError(f"{what}: sizes are written WIDTHxHEIGHT now, like every size in segda: write {fix} (the "
-                         f"list {value} was [{order}], the old convention of this key)")
-    raise SegdaError(f"{what}: {value!r} is not a size; write WIDTHxHEIGHT, e.g. 1024x512 (or N for NxN)")
-
-
-def old_size_list(name: str, value) -> str | None:
-    """The WIDTHxHEIGHT text of a size list written before segda 0.3 (None if `value` is not one)."""
-    if name in _OLD_LIST_ORDER and isinstance(value, list) and len(value) == 2 and \
-            all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        w, h = value if _OLD_LIST_ORDER[name] == "wh" else value[::-1]
-        return f"{w}x{h}"
-    return None
+    if migrated is not None:  # segda < 0.3 (segda.compat)
+        raise SegdaError(f"{what}: sizes are written WIDTHxHEIGHT now, like every size in segda: "
+                         f"{size_list_fix(name, value, what, migrated)}")
+    raise SegdaError(f"{what}: {value!r} is not a size; write WIDTHxHEIGHT with sides from 1 to {Size.MAX}, e.g. "
+                     "1024x512 (or N for NxN)")
 
 
 @dataclass
@@ -94,9 +87,6 @@ class DataConfig:
     """Random brightness, contrast, saturation and hue (mmseg's PhotoMetricDistortion)."""
     crops_per_frame: int = 1
     """Random crops cut from each decoded frame (decoding a PNG costs ~10 crops); must divide batch_size."""
-    shuffle_buffer: int = 64
-    """Samples held per worker for shuffling, for datasets read shard by shard (no byte offsets in the manifest);
-    indexed datasets are shuffled over the whole dataset and ignore it."""
     timeout: float = 30.0
     """Seconds a remote read may wait on a silent server before that attempt fails (then it is retried)."""
     retries: int = 5
@@ -113,7 +103,7 @@ class DataConfig:
     """Allow `pipe:` URLs, which run shell commands. Only for URLs you trust."""
     target: str = ""
     """`adapt.method: selftrain`: the target domain's training frames (same forms as `train`), labels unused."""
-    target_base_size: str = ""
+    target_base_size: Size | None = None
     """`adapt.method: selftrain`: WIDTHxHEIGHT the target's random rescale is relative to, when it differs from
     `base_size` (DAFormer: 1280x720 for GTA5, 1024x512 for Cityscapes); empty: `base_size`."""
 
@@ -122,6 +112,23 @@ class DataConfig:
             setattr(self, name, parse_size(getattr(self, name), f"data.{name}"))
         if self.target_base_size:
             self.target_base_size = parse_size(self.target_base_size, "data.target_base_size")
+        else:
+            self.target_base_size = None
+
+    def check(self) -> None:
+        check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
+        check(self.workers >= 0, "data.workers", "must be 0 (load in the main process) or more")
+        check(min(self.crop_size.wh) >= 8, "data.crop_size", "must be at least 8x8")
+        check(min(self.base_size.wh) >= 8, "data.base_size", "must be at least 8x8")
+        check(len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1] <= 16,
+              "data.scale_range", "must be [low, high] with 0 < low <= high <= 16")
+        check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
+        check(min(self.eval_size.wh) >= 8, "data.eval_size", "must be at least 8x8")
+        check(self.io_threads >= 1, "data.io_threads", "must be at least 1")
+        check(0 < self.timeout <= 3600, "data.timeout", "must be a positive number of seconds (at most 3600)")
+        check(self.retries >= 1, "data.retries", "must be at least 1")
+        check(self.crops_per_frame >= 1 and self.batch_size % self.crops_per_frame == 0, "data.crops_per_frame",
+              f"must be >= 1 and divide data.batch_size ({self.batch_size})")
 
 
 @dataclass
@@ -130,6 +137,10 @@ class ModelConfig:
     """Hub id or local folder of the model to start from; for `adapt`, the pretrained base model. Empty: random init."""
     config: dict = field(default_factory=dict)
     """SegformerConfig overrides for random init (empty = MiT-b0 shape), e.g. {hidden_sizes: [16, 32, 64, 128]}."""
+
+    def check(self) -> None:
+        check(not self.config or not self.name_or_path, "model.config",
+              "applies to random init only: clear model.name_or_path, or model.config")
 
 
 @dataclass
@@ -148,6 +159,16 @@ class OptimConfig:
     """Power of the polynomial decay from the peak to zero at `train.max_steps`."""
     clip_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables."""
+
+    def check(self) -> None:
+        check(self.lr > 0, "optim.lr", "must be positive")
+        check(self.head_lr_mult > 0, "optim.head_lr_mult", "must be positive")
+        check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+              "must be two values in [0, 1)")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        check(self.poly_power >= 0, "optim.poly_power", "must be >= 0 (0: constant after warmup)")
+        check(self.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -182,6 +203,18 @@ class TrainConfig:
     seed: int = 0
     """Seed of model init (same on every rank), data order and augmentation (per sample key); dropout adds the rank."""
 
+    def check(self) -> None:
+        check(self.max_steps >= 1, "train.max_steps", "must be at least 1")
+        check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+        check(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0 disables it)")
+        check(self.on_world_change in ("keep_global_batch", "keep_per_rank_batch"), "train.on_world_change",
+              "must be keep_global_batch or keep_per_rank_batch")
+        for key in ("checkpoint_every", "eval_every", "eval_max_samples"):
+            check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+        check(self.log_every >= 1, "train.log_every", "must be at least 1")
+        check(0 <= self.seed < 2 ** 31, "train.seed", "must be a whole number from 0 to 2**31 - 1")
+
 
 @dataclass
 class LoraConfig:
@@ -196,6 +229,14 @@ class LoraConfig:
     """Encoder linear layers that get LoRA (transformers 5 names: q_proj, k_proj, v_proj, o_proj, fc1, fc2)."""
     head: str = "classifier+norm"
     """What trains in the decode head: none | classifier | classifier+norm | lora | full."""
+
+    def check(self) -> None:
+        check(self.r >= 1, "lora.r", "must be at least 1")
+        check(self.alpha > 0, "lora.alpha", "must be positive")
+        check(0 <= self.dropout < 1, "lora.dropout", "must be in [0, 1)")
+        check(self.head in HEAD_MODES, "lora.head", f"must be one of {', '.join(HEAD_MODES)} (got {self.head!r})")
+        check(bool(self.target_modules) or self.head != "none", "lora.target_modules",
+              "is empty and lora.head is none: nothing would train; name encoder layers (q_proj, fc1, ...)")
 
 
 HEAD_MODES = ("none", "classifier", "classifier+norm", "lora", "full")
@@ -226,6 +267,21 @@ class AdaptConfig:
     RUN_DIR/adapter-<other>. The two were within 0.6 points in every demo run measured, the student ahead in all
     but one."""
 
+    def check(self, data: DataConfig) -> None:
+        check(self.method in ADAPT_METHODS, "adapt.method",
+              f"must be one of {', '.join(ADAPT_METHODS)} (got {self.method!r})")
+        check(self.method != "selftrain" or bool(data.target), "data.target",
+              "must name the target's frames (a manifest or shard pattern) when adapt.method is selftrain")
+        for key in ("target", "target_base_size"):
+            check(self.method == "selftrain" or not getattr(data, key), f"data.{key}",
+                  "is read only by adapt.method=selftrain: set adapt.method=selftrain, or leave it empty")
+        check(0 < self.ema_alpha < 1, "adapt.ema_alpha", "must be in (0, 1)")
+        check(0 < self.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
+        check(self.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")
+        check(self.save in ("teacher", "student"), "adapt.save", f"must be teacher or student (got {self.save!r})")
+        check(self.pseudo_weight in ("image", "pixel"), "adapt.pseudo_weight",
+              f"must be image or pixel (got {self.pseudo_weight!r})")
+
 
 ADAPT_METHODS = ("supervised", "selftrain")
 
@@ -242,185 +298,28 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def check(self) -> None:
+        """Validate every section (each checks its own keys); SegdaError naming the first bad key."""
+        for section in (self.data, self.model, self.optim, self.train, self.lora):
+            section.check()
+        self.adapt.check(self.data)
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML recipe (or the defaults), apply `a.b=c` overrides, validate, and return the Config."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        if not Path(path).is_file():
             raise SegdaError(f"config file {path} does not exist (see configs/ for recipes)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise SegdaError(f"{path} is not valid YAML: {err}") from err
+        raw = configfile.read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise SegdaError(f"{path} must hold a mapping of sections (data:, model:, ...)")
-    cfg = _build(Config, raw, prefix="", source=str(path or "defaults"))
+    cfg = configfile.build(Config, drop_retired(raw, str(path)), prefix="", source=str(path or "defaults"))
     for item in overrides:
-        _apply_override(cfg, item)
-    validate(cfg)
+        if not is_retired(item.split("=", 1)[0].strip()):
+            configfile.apply_override(cfg, item)
+    cfg.check()
     return cfg
-
-
-def _build(cls, raw: dict, prefix: str, source: str):
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise SegdaError(f"{source}: unknown config key {dotted!r}{_suggest(key, names, prefix)}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise SegdaError(f"{source}: {dotted!r} must be a mapping of its fields")
-            kwargs[key] = _build(hints[key], value, dotted + ".", source)
-        else:
-            kwargs[key] = _coerce(value, hints[key], dotted, source)
-    return cls(**kwargs)
-
-
-def _suggest(key: str, names: list[str], prefix: str) -> str:
-    close = difflib.get_close_matches(key, names, n=1)
-    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
-    return f"{hint} (allowed: {', '.join(prefix + n for n in names)})"
-
-
-def _coerce(value, hint, dotted: str, source: str):
-    if hint is Size:
-        return parse_size(value, f"{source}: {dotted}" if source != "--set" else f"--set {dotted}")
-    origin = typing.get_origin(hint) or hint
-    if origin is float and isinstance(value, str):
-        value = _float_or_same(value)  # YAML 1.1 reads 6e-5 (no dot) as a string
-    if origin is list and isinstance(value, list) and typing.get_args(hint) == (float,):
-        value = [_float_or_same(v) if isinstance(v, str) else v for v in value]
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        list: isinstance(value, list),
-        dict: isinstance(value, dict),
-    }.get(origin, True)
-    if origin is str and value is None:
-        return ""
-    if not ok:
-        raise SegdaError(f"{source}: {dotted} must be {_type_name(hint)}, got {value!r}")
-    if origin is float:
-        return float(value)
-    if origin is list:
-        (item_type,) = typing.get_args(hint) or (object,)
-        for item in value:
-            if item_type is float and isinstance(item, (int, float)) and not isinstance(item, bool):
-                continue
-            if item_type is not object and not isinstance(item, item_type):
-                raise SegdaError(f"{source}: {dotted} must be {_type_name(hint)}, got {value!r}")
-        return [float(v) for v in value] if item_type is float else list(value)
-    return value
-
-
-def _float_or_same(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
-
-
-def _apply_override(cfg: Config, item: str) -> None:
-    if "=" not in item:
-        raise SegdaError(f"--set {item!r}: expected dotted.key=value, e.g. train.max_steps=1000")
-    dotted, text = item.split("=", 1)
-    parts = dotted.strip().split(".")
-    target = cfg
-    for depth, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(target)]
-        prefix = ".".join(parts[:depth]) + ("." if depth else "")
-        if part not in names:
-            raise SegdaError(f"--set: unknown config key {dotted!r}{_suggest(part, names, prefix)}")
-        if depth == len(parts) - 1:
-            hint = typing.get_type_hints(type(target))[part]
-            if dataclasses.is_dataclass(hint):
-                raise SegdaError(f"--set: {dotted!r} is a section; set one of its fields, e.g. {dotted}.<field>=...")
-            value = _parse_value(text, hint)
-            setattr(target, part, _coerce(value, hint, dotted, "--set"))
-        else:
-            target = getattr(target, part)
-            if not dataclasses.is_dataclass(target):
-                raise SegdaError(f"--set: {'.'.join(parts[:depth + 1])!r} is not a section")
-
-
-def _parse_value(text: str, hint):
-    if hint is str:
-        return text
-    if hint is Size and not text.strip().startswith("["):  # YAML would read 0x10 as 16, 1:30 as 90
-        return text  # a path like 007 or true stays a string
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-
-
-def validate(cfg: Config) -> None:
-    d, t, o, lo = cfg.data, cfg.train, cfg.optim, cfg.lora
-    _check(d.batch_size >= 1, "data.batch_size", "must be at least 1")
-    _check(d.workers >= 0, "data.workers", "must be 0 (load in the main process) or more")
-    _check(min(d.crop_size.wh) >= 8, "data.crop_size", "must be at least 8x8")
-    _check(min(d.base_size.wh) >= 8, "data.base_size", "must be at least 8x8")
-    _check(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range",
-           "must be [low, high] with 0 < low <= high")
-    _check(0 < d.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
-    _check(min(d.eval_size.wh) >= 8, "data.eval_size", "must be at least 8x8")
-    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1")
-    _check(d.io_threads >= 1, "data.io_threads", "must be at least 1")
-    _check(d.timeout > 0, "data.timeout", "must be a positive number of seconds")
-    _check(d.retries >= 1, "data.retries", "must be at least 1")
-    _check(d.crops_per_frame >= 1 and d.batch_size % d.crops_per_frame == 0, "data.crops_per_frame",
-           f"must be >= 1 and divide data.batch_size ({d.batch_size})")
-    _check(o.lr > 0, "optim.lr", "must be positive")
-    _check(o.head_lr_mult > 0, "optim.head_lr_mult", "must be positive")
-    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "must be two values in [0, 1)")
-    _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _check(o.clip_grad_norm >= 0, "optim.clip_grad_norm", "must be >= 0 (0 disables clipping)")
-    _check(t.max_steps >= 1, "train.max_steps", "must be at least 1")
-    _check(t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-    _check(t.checkpoint_minutes >= 0, "train.checkpoint_minutes", "must be >= 0 (0 disables it)")
-    _check(t.on_world_change in ("keep_global_batch", "keep_per_rank_batch"), "train.on_world_change",
-           "must be keep_global_batch or keep_per_rank_batch")
-    for key in ("checkpoint_every", "eval_every", "eval_max_samples"):
-        _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 disables)")
-    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
-    _check(t.log_every >= 1, "train.log_every", "must be at least 1")
-    _check(lo.r >= 1, "lora.r", "must be at least 1")
-    _check(lo.alpha > 0, "lora.alpha", "must be positive")
-    _check(0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
-    _check(lo.head in HEAD_MODES, "lora.head", f"must be one of {', '.join(HEAD_MODES)} (got {lo.head!r})")
-    if d.target_base_size:  # a str field (empty allowed): --set and YAML values become a Size here
-        d.target_base_size = parse_size(str(d.target_base_size), "data.target_base_size")
-    a = cfg.adapt
-    _check(a.method in ADAPT_METHODS, "adapt.method", f"must be one of {', '.join(ADAPT_METHODS)} (got {a.method!r})")
-    _check(a.method != "selftrain" or bool(d.target), "data.target",
-           "must name the target's frames (a manifest or shard pattern) when adapt.method is selftrain")
-    for key in ("target", "target_base_size"):
-        _check(a.method == "selftrain" or not getattr(d, key), f"data.{key}",
-               "is read only by adapt.method=selftrain: set adapt.method=selftrain, or leave it empty")
-    _check(0 < a.ema_alpha < 1, "adapt.ema_alpha", "must be in (0, 1)")
-    _check(0 < a.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
-    _check(a.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")
-    _check(a.save in ("teacher", "student"), "adapt.save", f"must be teacher or student (got {a.save!r})")
-    _check(a.pseudo_weight in ("image", "pixel"), "adapt.pseudo_weight", f"must be image or pixel (got {a.pseudo_weight!r})")
-
-
-def _check(ok: bool, key: str, rule: str) -> None:
-    if not ok:
-        raise SegdaError(f"config key {key} {rule}")
 
 
 def reference_markdown() -> str:
@@ -436,6 +335,10 @@ def reference_markdown() -> str:
             lines.append(f"| `{section.name}.{f.name}` | {hint} | `{default!r}` | {docs.get(f.name, '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _type_name(hint) -> str:
+    return configfile.type_name(hint)
 
 
 def _field_docs(cls) -> dict[str, str]:

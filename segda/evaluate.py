@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from segda.classes import IGNORE, NUM_CLASSES
 from segda.config import DataConfig
 from segda.data.datasets import resolve_dataset
-from segda.data.stream import eval_loader
+from segda.data.eval_stream import eval_loader
 from segda.log import SegdaError, info
 from segda.model import normalize
 from segda.report import metrics_from_confusion

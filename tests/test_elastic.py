@@ -119,7 +119,7 @@ def test_a_resume_that_restored_nothing_would_fail(preempted, straight, gta5_man
 
 
 def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, gta5_manifest, tmp_path):
-    from segda.train import lr_factor
+    from segda.train.optim import lr_factor
 
     out, step, _ = preempted
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ from segda.bench_stream import city_composition, simulate_eval, simulate_train_e
 from segda.config import DataConfig
 from segda.data import plan
 from segda.data.datasets import resolve_dataset
-from segda.data.reader import index_tar
+from segda.data.shardfiles import index_tar
 from segda.data.sources import read_range
 from segda.data.stream import training_batches
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from segda.classes import IGNORE, NUM_CLASSES
-from segda.selftrain import (class_mix, class_mix_mask, ema_momentum, ema_update, pseudo_labels,
-                             rare_class_probabilities, strong_photometric)
+from segda.log import SegdaError
+from segda.methods.dacs import (class_mix, class_mix_mask, ema_momentum, ema_update, pseudo_labels,
+                                rare_class_probabilities, strong_photometric)
 
 
 def test_ema_momentum_warms_up_to_alpha():
@@ -86,7 +87,7 @@ def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_stati
     """Luma and chroma of source i take target i's mean and spread: a vivid bright frame becomes as dark and dull
     as its camera frame (and not as the other one), keeping its own layout."""
     from segda.data.transforms import MEAN, STD
-    from segda.selftrain import _TO_YCC, match_colours
+    from segda.methods.dacs import _TO_YCC, match_colours
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
@@ -112,7 +113,7 @@ def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_stati
 
 def test_colour_transfer_stays_in_range_keeps_a_flat_targets_source_visible_and_keeps_the_dtype():
     from segda.data.transforms import MEAN, STD
-    from segda.selftrain import SPREAD_RATIO, _TO_YCC, match_colours
+    from segda.methods.dacs import SPREAD_RATIO, _TO_YCC, match_colours
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(1)
@@ -142,12 +143,19 @@ def test_rare_class_sampling_follows_the_formula():
         rare_class_probabilities(np.zeros(NUM_CLASSES))
 
 
+def paired(source, target, cfg, *, rank, world, seed=0):
+    """Source and target streams side by side, as self-training builds them (the target seeded apart)."""
+    from segda.data.stream import PairedData, TrainingData
+
+    return PairedData(TrainingData(source, cfg, rank=rank, world=world, seed=seed),
+                      TrainingData(target, cfg, rank=rank, world=world, seed=seed + 7919))
+
+
 def test_two_streams_train_each_side_once_per_epoch_and_give_every_rank_the_same_steps(gta5_manifest, tmp_path):
     """The source (labelled) and the target (image-only shards) side by side on 2 simulated ranks: each side has
     its own epochs, every sample of a side's epoch is trained once across the ranks, and the ranks step equally."""
     from segda.config import DataConfig
     from segda.data.datasets import resolve_dataset
-    from segda.data.stream import paired_batches
     from segda.shards.encode import EncodeOptions
     from segda.shards.synth import synth_cityscapes
     from segda.shards.writer import CreateOptions, create_shards, manifest_path
@@ -161,15 +169,15 @@ def test_two_streams_train_each_side_once_per_epoch_and_give_every_rank_the_same
     steps = 12
     seen = {"source": {}, "target": {}}
     for rank in range(2):
-        pairs = paired_batches(source, target, cfg, rank=rank, world=2, seed=0)
+        data = paired(source, target, cfg, rank=rank, world=2)
+        pairs = iter(data)
         taken = [next(pairs) for _ in range(steps)]
-        pairs.close()
+        data.close()
         assert len(taken) == steps
         for pair in taken:
             for side in ("source", "target"):
                 batch = pair[side]
                 seen[side].setdefault(batch["epoch"], []).extend(batch["key"])
-                assert pair["position"][side] == batch["position"]
             assert (pair["target"]["label"] == IGNORE).all(), "image-only shards: nothing to learn from"
             assert (pair["source"]["label"] != IGNORE).any()
     for side, ds in (("source", source), ("target", target)):
@@ -185,15 +193,21 @@ def test_two_streams_train_each_side_once_per_epoch_and_give_every_rank_the_same
 def test_two_streams_resume_from_their_recorded_position(gta5_manifest, cityscapes_manifest):
     from segda.config import DataConfig
     from segda.data.datasets import resolve_dataset
-    from segda.data.stream import paired_batches
 
     source, target = resolve_dataset(str(gta5_manifest)), resolve_dataset(str(cityscapes_manifest))
     cfg = DataConfig(batch_size=2, workers=0, crop_size="32x32", base_size="160x88")
-    straight = paired_batches(source, target, cfg, rank=0, world=2, seed=0)
-    taken = [next(straight) for _ in range(9)]
+    straight = paired(source, target, cfg, rank=0, world=2)
+    pairs = iter(straight)
+    taken = []
+    for _ in range(9):
+        taken.append(next(pairs))
+        if len(taken) == 5:
+            position = straight.state_dict()  # what a checkpoint after the fifth step records
     straight.close()
-    resumed = paired_batches(source, target, cfg, rank=0, world=2, seed=0, position=taken[4]["position"])
-    again = [next(resumed) for _ in range(4)]
+    resumed = paired(source, target, cfg, rank=0, world=2)
+    resumed.load_state_dict(position)
+    again_iter = iter(resumed)
+    again = [next(again_iter) for _ in range(4)]
     resumed.close()
     for a, b in zip(taken[5:], again):
         assert a["source"]["key"] == b["source"]["key"] and a["target"]["key"] == b["target"]["key"]
@@ -227,7 +241,7 @@ def test_manifests_list_each_frames_classes_as_the_labels_hold_them(gta5_manifes
 
 def test_rare_class_order_draws_frames_with_the_formulas_frequencies():
     """Frame c holds only class c: how often the epoch orders pick frame c is how often class c is drawn."""
-    from segda.selftrain import RareClassOrder
+    from segda.methods.dacs import RareClassOrder
 
     pixels = np.linspace(50, 1, NUM_CLASSES) ** 2 * 1000
     order = RareClassOrder([1 << c for c in range(NUM_CLASSES)], pixels, temperature=0.05)
@@ -260,6 +274,7 @@ def test_the_teacher_is_an_ema_of_the_adapter_swapped_in_and_back():
     cfg = Config()
     cfg.adapt.rare_class_temperature = 0
     method, model = SelfTraining(None, None, cfg), _tiny_adapter()
+    method.bind(model)
     model.train()
     live = SelfTraining.adapter_tensors(model)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -267,15 +282,15 @@ def test_the_teacher_is_an_ema_of_the_adapter_swapped_in_and_back():
     assert not any("lora" not in names[id(t)] and "decode_head" not in names[id(t)] for t in live), \
         "the teacher averages the adapter, never the frozen base"
     start = [t.detach().clone() for t in live]
-    method._ensure_teacher(model)  # first use: a copy of the student (the source model)
+    method._ensure_teacher()  # first use: a copy of the student (the source model)
     assert all(torch.equal(t, s) for t, s in zip(method.teacher, start))
     with torch.no_grad():
         for t in live:
             t.add_(1.0)  # the student moves
-    method.after_step(model, 1)  # momentum 0.5
+    method.after_step(1)  # momentum 0.5
     for teacher, before in zip(method.teacher, start):
         assert torch.allclose(teacher, before + 0.5)
-    method.after_step(model, 3)  # momentum 0.75: 0.75 * (s + .5) + 0.25 * (s + 1)
+    method.after_step(3)  # momentum 0.75: 0.75 * (s + .5) + 0.25 * (s + 1)
     for teacher, before in zip(method.teacher, start):
         assert torch.allclose(teacher, before + 0.625)
     student = [t.detach().clone() for t in live]
@@ -286,10 +301,11 @@ def test_the_teacher_is_an_ema_of_the_adapter_swapped_in_and_back():
     assert model.training
     state = method.state_dict()
     other = SelfTraining(None, None, cfg)
-    other.load_state_dict(state, model)
+    other.bind(model)
+    other.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(other.teacher, method.teacher))
-    with pytest.raises(ValueError, match="teacher"):
-        other.load_state_dict({k: v for k, v in list(state.items())[:-1]}, model)
+    with pytest.raises(SegdaError, match="teacher"):
+        other.load_state_dict({k: v for k, v in list(state.items())[:-1]})
 
 
 # ---- segda adapt with adapt.method=selftrain, as users run it ------------------------------------------------
@@ -422,9 +438,10 @@ def test_a_labelled_target_gives_the_crops_of_its_image_only_shards(tmp_path, gt
     for dataset in ("cityscapes", "images"):
         method = SelfTraining(resolve_dataset(str(gta5_manifest)),
                               resolve_dataset(str(manifest_path(tmp_path / dataset, "train"))), cfg)
-        stream = method.batches(rank=0, world=1, position=method.start_position(), pin_memory=False)
+        data = method.data(rank=0, world=1, pin_memory=False)
+        stream = iter(data)
         crops[dataset] = [next(stream)["target"] for _ in range(3)]
-        stream.close()
+        data.close()
     for a, b in zip(crops["cityscapes"], crops["images"]):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
 
@@ -434,7 +451,7 @@ def test_rare_class_draws_are_cropped_around_their_class_and_repeats_get_new_cro
     from segda.data.datasets import resolve_dataset
     from segda.data.stream import TrainStream
     from segda.data.transforms import RARE_CLASS_CROP_SHARE
-    from segda.selftrain import rare_class_order
+    from segda.methods.dacs import rare_class_order
 
     ds = resolve_dataset(str(gta5_manifest))
     order = rare_class_order(ds, 0.01)
@@ -469,7 +486,7 @@ def test_a_batch_of_unreadable_frames_borrows_the_next_batchs_rare_class_crops(g
     from segda.data.datasets import resolve_dataset
     from segda.data.plan import rank_batches
     from segda.data.stream import TrainStream
-    from segda.selftrain import rare_class_order
+    from segda.methods.dacs import rare_class_order
 
     shutil.copytree(gta5_manifest.parent, tmp_path / "shards")
     manifest = tmp_path / "shards" / gta5_manifest.name
@@ -545,7 +562,10 @@ def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
     batch = {"source": side(n_source, True), "target": side(n_target, False)}
     ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
     seen = []
-    loss = method.loss(batch, lambda pixels: seen.append(pixels.shape[0]) or model(pixel_values=pixels).logits, ctx)
+    method.bind(model)
+    loss = method.loss(method.to_device(batch, ctx),
+                       lambda pixel_values: seen.append(pixel_values.shape[0]) or model(pixel_values=pixel_values),
+                       ctx)
     assert seen == [n_source + n_target] and torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
@@ -562,7 +582,7 @@ def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_cr
     from segda.data.transforms import MEAN, STD
     from segda.methods import SelfTraining, StepContext
     from segda.model import normalize
-    from segda.selftrain import _TO_YCC
+    from segda.methods.dacs import _TO_YCC
 
     n_source, n_target = sizes
     g = torch.Generator().manual_seed(0)
@@ -580,8 +600,9 @@ def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_cr
         method, model = SelfTraining(None, None, cfg), _tiny_adapter()
         ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
         seen = []
-        method.loss({"source": source, "target": target},
-                    lambda pixels: seen.append(pixels) or model(pixel_values=pixels).logits, ctx)
+        method.bind(model)
+        method.loss(method.to_device({"source": source, "target": target}, ctx),
+                    lambda pixel_values: seen.append(pixel_values) or model(pixel_values=pixel_values), ctx)
         return seen[0]
 
     plain, recoloured = student_inputs(False), student_inputs(True)
@@ -604,7 +625,7 @@ def test_rare_class_draws_follow_each_ranks_positions_on_resume(gta5_manifest):
     from segda.config import DataConfig
     from segda.data.datasets import resolve_dataset
     from segda.data.stream import TrainStream
-    from segda.selftrain import rare_class_order
+    from segda.methods.dacs import rare_class_order
 
     ds = resolve_dataset(str(gta5_manifest))
     assert ds.num_samples == 21
@@ -628,18 +649,18 @@ def test_resume_compares_the_target_only_for_selftraining(tmp_path):
     refuses another target, and a checkpoint older than the adapt section counts as supervised."""
     from segda.config import load_config
     from segda.log import SegdaError
-    from segda.resume import check_resumable
+    from segda.train.resume import check_resumable
 
     supervised = load_config(None, [])
     saved = {"stage": "adapt", "step": 2, "world_size": 1, "scheduler": {},
              "config": {**supervised.to_dict(), "data": {**supervised.to_dict()["data"], "target": "old/t.json"}}}
-    check_resumable(saved, supervised, "adapt", tmp_path, elastic=True, world=1)
+    check_resumable(saved, supervised, "adapt", tmp_path, world=1)
     selftraining = load_config(None, ["adapt.method=selftrain", "data.target=new/t.json"])
     saved = {**saved, "config": selftraining.to_dict()}
-    check_resumable(saved, selftraining, "adapt", tmp_path, elastic=True, world=1)
+    check_resumable(saved, selftraining, "adapt", tmp_path, world=1)
     other = load_config(None, ["adapt.method=selftrain", "data.target=other/t.json"])
     with pytest.raises(SegdaError, match="data.target was 'new/t.json'"):
-        check_resumable(saved, other, "adapt", tmp_path, elastic=True, world=1)
+        check_resumable(saved, other, "adapt", tmp_path, world=1)
     old = {**saved, "config": {k: v for k, v in supervised.to_dict().items() if k != "adapt"}}
     with pytest.raises(SegdaError, match=r"data.target was '' .*now 'new/t.json'"):
-        check_resumable(old, selftraining, "adapt", tmp_path, elastic=True, world=1)
+        check_resumable(old, selftraining, "adapt", tmp_path, world=1)

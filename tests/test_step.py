@@ -82,7 +82,7 @@ def test_evaluation_counts_a_frame_without_a_sync_and_exactly():
 
 
 def test_the_guard_skips_a_non_finite_step_on_the_device_and_counts_it():
-    from segda.guard import NonFiniteGuard
+    from segda.train.guard import NonFiniteGuard
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)

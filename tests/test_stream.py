@@ -13,12 +13,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from segda.config import DataConfig
 from segda.data import plan
 from segda.data.datasets import resolve_dataset
-from segda.data.reader import index_tar
-from segda.data.stream import eval_loader, train_loader
+from segda.data.shardfiles import index_tar
+from segda.data.eval_stream import eval_loader
+from segda.data.stream import TrainingData, batches_per_epoch
 from segda.data.transforms import random_scale_crop, warp_crop
 from segda.log import SegdaError
 
@@ -39,10 +41,17 @@ def manifest_keys(manifest_path: Path) -> list[str]:
 
 
 def epoch_batches(spec, data_cfg, rank, world, epoch=0, start_step=0, seed=0):
-    ds = resolve_dataset(str(spec))
-    loader, n = train_loader(ds, data_cfg, rank=rank, world=world, seed=seed, epoch=epoch, start_step=start_step)
-    batches = list(loader)
-    assert len(batches) == n
+    """This rank's batches of one epoch from `start_step` on, as training streams them (its position state)."""
+    ds = resolve_dataset(str(spec)) if not hasattr(spec, "shards") else spec
+    data = TrainingData(ds, data_cfg, rank=rank, world=world, seed=seed)
+    frames = data_cfg.batch_size // data_cfg.crops_per_frame
+    data.load_state_dict({"epoch": epoch, "consumed": start_step * frames * world, "end": None})
+    stream = iter(data)
+    batches = [next(stream) for _ in range(batches_per_epoch(data.ds, data_cfg, world) - start_step)]
+    data.close()
+    assert {b["epoch"] for b in batches} <= {epoch}
+    if batches:
+        assert data.state_dict() == {"epoch": epoch + 1, "consumed": 0, "end": None}, "the epoch is complete"
     return batches
 
 
@@ -79,16 +88,6 @@ def test_eval_plan_covers_every_sample_exactly_once(num_shards_counts, world, wo
                 covered += [(seg.shard, i) for i in range(seg.start, seg.stop)]
     expected = [(s, i) for s, c in enumerate(num_shards_counts) for i in range(c)]
     assert sorted(covered) == expected
-
-
-def test_train_plan_equal_batches_for_uneven_shards():
-    counts = [5, 3, 7, 1, 4, 11]
-    for world, workers, bs in [(2, 2, 3), (3, 1, 4), (4, 3, 2)]:
-        plans = [plan.train_plan(counts, r, world, workers, bs, seed=1, epoch=2) for r in range(world)]
-        n_batches = {sum(len(p.batch_sizes) for p in rank_plans) for rank_plans in plans}
-        assert len(n_batches) == 1
-        covered = [(s.shard, i) for rp in plans for p in rp for s in p.segments for i in range(s.start, s.stop)]
-        assert len(covered) == len(set(covered)) == sum(counts) // world * world
 
 
 def test_eval_exactly_once_with_uneven_shards_and_more_slots_than_shards(cityscapes_manifest):
@@ -146,8 +145,8 @@ def test_small_frames_are_padded_with_ignore():
     rng = np.random.default_rng(1)
     label = np.full((20, 30), 7, np.uint8)
     image = np.zeros((20, 30, 3), np.uint8)
-    img, lab = random_scale_crop(image, label, rng, (30, 20), (1.0, 1.0), (64, 48), 1.0)  # crop (width, height)
-    assert img.shape == (48, 64, 3) and lab.shape == (48, 64)
+    img, lab, valid = random_scale_crop(image, label, rng, (30, 20), (1.0, 1.0), (64, 48), 1.0)  # (width, height)
+    assert img.shape == (48, 64, 3) and lab.shape == (48, 64) and valid == (20, 30)
     assert set(np.unique(lab)) == {7, 255} and (lab[20:] == 255).all()
 
 
@@ -259,12 +258,13 @@ def test_undecodable_image_and_missing_label_are_skipped_and_named(cityscapes_ma
     with pytest.raises(SegdaError, match=broken):
         _eval_batches(manifest, cfg(workers=0, strict=True))
     # training keeps its batch count even with lost samples
-    ds = resolve_dataset(str(manifest))
-    loader, n = train_loader(ds, cfg(workers=0, batch_size=2), rank=0, world=1, seed=0, epoch=0)
-    assert len(list(loader)) == n
+    batches = epoch_batches(manifest, cfg(workers=0, batch_size=2), 0, 1)
+    assert all(len(b["key"]) == 2 for b in batches)
 
 
 def test_sha256_mismatch_is_refused_when_verifying(cityscapes_manifest, tmp_path):
+    """Evaluation skips a shard whose hash does not match (strict: refuses); training refuses it before its first
+    step, on whichever rank hashes that shard."""
     manifest = _copy_shards(cityscapes_manifest, tmp_path / "s")
     data = json.loads(manifest.read_text())
     data["shards"][2]["sha256"] = hashlib.sha256(b"something else").hexdigest()
@@ -274,12 +274,24 @@ def test_sha256_mismatch_is_refused_when_verifying(cityscapes_manifest, tmp_path
     assert len([k for b in batches for k in b["key"]]) == 8 and sum(b["skipped"] for b in batches) == 2
     with pytest.raises(SegdaError, match="sha256"):
         _eval_batches(manifest, cfg(workers=0, verify=True, strict=True))
+    ds = resolve_dataset(str(manifest))
+    TrainingData(ds, cfg(verify=True), rank=1, world=2, seed=0)  # rank 1 hashes shards 1 (fine) and 3 (none)
+    with pytest.raises(SegdaError, match="val-000002.tar: sha256"):
+        TrainingData(ds, cfg(verify=True), rank=0, world=2, seed=0)  # rank 0 hashes shards 0 and 2
 
 
-def test_training_needs_counts_and_says_how(cityscapes_manifest):
-    ds = resolve_dataset(str(cityscapes_manifest.parent / "val-{000000..000002}.tar"))
-    with pytest.raises(SegdaError, match="manifest"):
-        train_loader(ds, cfg(), rank=0, world=1, seed=0, epoch=0)
+def test_training_indexes_local_shards_without_offsets_and_refuses_remote_ones(cityscapes_manifest, http_server):
+    """A shard pattern (no manifest) or an old manifest without byte offsets: local shards are indexed from their
+    tar headers and train exactly as the indexed manifest does; remote ones are refused with the command."""
+    pattern = str(cityscapes_manifest.parent / "val-{000000..000002}.tar")
+    from_pattern = epoch_batches(resolve_dataset(pattern), cfg(workers=0), 0, 1)
+    from_manifest = epoch_batches(cityscapes_manifest, cfg(workers=0), 0, 1)
+    assert [b["key"] for b in from_pattern] == [b["key"] for b in from_manifest]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(from_pattern, from_manifest))
+    url = _publish_http(cityscapes_manifest, http_server)
+    remote = resolve_dataset(url.rsplit("/", 1)[0] + "/val-{000000..000002}.tar")
+    with pytest.raises(SegdaError, match="segda index"):
+        TrainingData(remote, cfg(), rank=0, world=1, seed=0)
 
 
 @pytest.mark.slow
@@ -323,7 +335,7 @@ def test_resume_stays_exact_after_an_undecodable_sample(cityscapes_manifest, tmp
     first = manifest.parent / "val-000000.tar"
     broken = sorted({m.name.split(".")[0] for m in tarfile.open(first).getmembers()})[1]
     _rewrite_tar(first, lambda n, d: b"garbage" if n == f"{broken}.pxz" else d)
-    data_cfg = cfg(workers=0, batch_size=2, shuffle_buffer=1)
+    data_cfg = cfg(workers=0, batch_size=2)
     full = epoch_batches(manifest, data_cfg, 0, 1)
     assert sum(b["skipped"] for b in full) == 1, "the sample must really be undecodable"
     for start in range(1, len(full)):

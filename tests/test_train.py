@@ -125,7 +125,7 @@ def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
 def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_path):
     from segda.config import load_config
     from segda.log import SegdaError
-    from segda.resume import check_resumable
+    from segda.train.resume import check_resumable
 
     old = tmp_path / "old.yaml"  # segda < 0.3: crop_size was [height, width], base_size [width, height]
     old.write_text("data:\n  crop_size: [96, 128]\n")
@@ -143,10 +143,10 @@ def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_pat
     saved = {"stage": "pretrain", "step": 2, "world_size": 1, "scheduler": {},
              "config": {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "crop_size": [96, 128],
                                                    "base_size": [512, 512]}}}
-    check_resumable(saved, cfg, "pretrain", tmp_path, elastic=True, world=1)
+    check_resumable(saved, cfg, "pretrain", tmp_path, world=1)
     saved["config"]["data"]["crop_size"] = [128, 96]
     with pytest.raises(SegdaError, match="data.crop_size"):
-        check_resumable(saved, cfg, "pretrain", tmp_path, elastic=True, world=1)
+        check_resumable(saved, cfg, "pretrain", tmp_path, world=1)
 
 
 def test_every_shipped_yaml_loads():

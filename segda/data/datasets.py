@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from segda.data.sources import expand_urls, join_url, open_url, read_bytes, url_scheme
+from segda.data.shardfiles import index_tar, verify_shard
+from segda.data.sources import expand_urls, join_url, local_path, open_url, read_bytes, url_scheme
 from segda.log import SegdaError, info, warn
 
 
@@ -92,9 +94,9 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
         raise SegdaError(f"{spec} lists no shards")
     ds = Dataset(spec, shards, manifest)
     if not ds.indexed:
-        warn(f"{spec} has no per-sample byte offsets (written by segda < 0.2): each reader streams its shards from "
-             "byte 0, which fetches several times the bytes it uses at many ranks and keeps frames in shard order. "
-             "Add them with `segda index MANIFEST` where the shards are on disk, or re-run `segda shards`")
+        warn(f"{spec} has no per-sample byte offsets (written by segda < 0.2): training indexes local shards at "
+             "each start and refuses remote ones, and evaluation streams whole shards. Store them once with "
+             f"`segda index {spec}`, or re-run `segda shards`")
     return ds
 
 
@@ -156,25 +158,40 @@ def _sample_index(entry: dict, where: str, count: int, size: int | None) -> tupl
     return tuple(samples)
 
 
-def with_counts(ds: Dataset, *, allow_pipe: bool = False) -> Dataset:
-    """Fill in unknown per-shard sample counts by reading the shards once (a manifest makes this free)."""
-    if ds.counts_known:
-        return ds
-    info(f"counting samples in {len(ds.shards)} shard(s) of {ds.spec} (point at the manifest to skip this)")
-    import tarfile
+def indexed_for_training(ds: Dataset, cfg, *, rank: int, world: int) -> Dataset:
+    """The dataset as training reads it, sample by sample: byte offsets taken from the manifest, or read from the
+    tar headers of local shards (seconds, no decoding); remote shards without offsets are refused with the command
+    that indexes them. With data.verify, each rank hashes its share of the shards first."""
+    if not ds.indexed:
+        ds = _index_local(ds)
+    if cfg.verify:
+        if not any(s.sha256 for s in ds.shards):
+            warn(f"data.verify is on but {ds.spec} carries no sha256 to check against: name the dataset by its "
+                 "manifest to verify shards")
+        for shard in range(rank, len(ds.shards), world):  # each shard hashed once, by one rank
+            verify_shard(ds.shards[shard].url, ds.shards[shard].sha256, timeout=cfg.timeout, retries=cfg.retries)
+    return ds
 
-    from webdataset.tariterators import base_plus_ext
 
-    shards = []
+def _index_local(ds: Dataset) -> Dataset:
+    remote = [s.url for s in ds.shards if url_scheme(s.url) not in ("", "file")]
+    if remote:
+        raise SegdaError(f"{ds.spec} has no per-sample byte offsets and its shards are remote ({remote[0]}, ...): "
+                         "training reads samples one by one. Index them once with `segda index "
+                         f"{ds.spec} --out indexed-manifest.json` (it reads each shard once) and train from that "
+                         "manifest, or re-create the shards with `segda shards`")
+    started, shards = time.perf_counter(), []
     for shard in ds.shards:
-        keys = set()
+        path = local_path(shard.url)
         try:
-            with open_url(shard.url, allow_pipe=allow_pipe) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                for member in tar:
-                    if member.isreg():
-                        keys.add(base_plus_ext(member.name)[0])
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise SegdaError(f"cannot count the samples of {shard.url}: {err} (a corrupt shard? re-create it, "
-                             "or train from the manifest)") from err
-        shards.append(Shard(shard.url, len(keys), shard.sha256))
+            with open_url(shard.url) as fh:
+                samples = index_tar(fh)
+        except (OSError, ValueError, EOFError) as err:  # tarfile's errors are ValueErrors or OSErrors
+            raise SegdaError(f"cannot index {path}: {err} (a corrupt shard? re-create it)") from err
+        if shard.num_samples is not None and len(samples) != shard.num_samples:
+            raise SegdaError(f"{path} holds {len(samples)} samples, {ds.spec} says {shard.num_samples}: re-create "
+                             "the shards with `segda shards`")
+        shards.append(Shard(shard.url, len(samples), shard.sha256, shard.bytes, tuple(map(tuple, samples))))
+    info(f"indexed {sum(s.num_samples for s in shards)} samples in {len(shards)} local shard(s) of {ds.spec} from "
+         f"their tar headers ({time.perf_counter() - started:.1f} s); `segda index` stores the offsets in a manifest")
     return Dataset(ds.spec, shards, ds.manifest)

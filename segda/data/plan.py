@@ -26,7 +26,7 @@ Rank and world size are arguments, never read from globals: the plan is testable
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -50,6 +50,29 @@ class WorkerPlan:
     @property
     def num_samples(self) -> int:
         return sum(self.batch_sizes)
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """How far one stream's data order has got: `consumed` positions of epoch `epoch`'s order are trained on, by
+    every rank together; `end` is where that epoch stops (None: where the current world size stops it). It does not
+    depend on the world size, which is what lets a run resume on another number of processes."""
+
+    epoch: int = 0
+    consumed: int = 0
+    end: int | None = None
+
+    @classmethod
+    def of(cls, value) -> "DataPosition":
+        """From a DataPosition, a state dict ({epoch, consumed, end}), or None (the start)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        return cls(int(value["epoch"]), int(value["consumed"]), value.get("end"))
+
+    def state_dict(self) -> dict:
+        return asdict(self)
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -104,12 +127,12 @@ def rank_positions(num_samples: int, rank: int, world: int, batch_size: int, sta
 
 
 def position_after(batch: int, num_batches: int, batch_size: int, world: int, epoch: int, start: int,
-                   end: int) -> dict:
+                   end: int) -> DataPosition:
     """Where the epoch's order stands once every rank has finished its batch `batch` of `num_batches` (counted
     from `start`): the data position a checkpoint records, independent of the world size."""
     if batch + 1 >= num_batches:
-        return {"epoch": epoch + 1, "consumed": 0, "end": None}
-    return {"epoch": epoch, "consumed": start + (batch + 1) * batch_size * world, "end": end}
+        return DataPosition(epoch + 1, 0, None)
+    return DataPosition(epoch, start + (batch + 1) * batch_size * world, end)
 
 
 def worker_batches(start: int, stop: int | None, worker: int, workers: int):

@@ -9,9 +9,9 @@ Two readers, one bad-data policy:
 - `ShardReader` streams a shard from byte 0 and keeps the samples of a [start, stop) window: for shard URL
   patterns, manifests without offsets, and `data.verify` (hashing a shard means reading all of it).
 
-Bad data (truncated shard, corrupt tar member, missing image or label, sha256 mismatch) is skipped with a warning
-naming the shard and key, and counted in `skipped`; `strict` raises instead. A source that cannot be read at all
-(missing file, HTTP 404, a shard replaced since its manifest) raises SegdaError: no training on a hole.
+Bad data (truncated shard, corrupt tar member, missing image or label, sha256 mismatch) goes to the reader's
+`bad` policy (`segda.data.bad.BadSamples`: skipped with a warning, counted; `strict` raises). A source that cannot be
+read at all (missing file, HTTP 404, a shard replaced since its manifest) raises SegdaError: no training on a hole.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Iterator, Sequence
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from segda.data.bad import BadSamples
 from segda.data.datasets import Dataset
 from segda.data.sources import open_url, read_range
-from segda.log import SegdaError, warn
 
 IMAGE_EXTS = ("pxz", "png", "jpg", "jpeg", "webp", "bmp")
 LABEL_EXT = "label.png"
@@ -36,24 +36,20 @@ MAX_REQUEST_BYTES = 32 << 20
 _TAR_ERRORS = (tarfile.TarError, OSError, ValueError, EOFError)
 
 
-class _BadDataPolicy:
-    def __init__(self, strict: bool, labeled: bool = True):
-        self.strict, self.skipped = strict, 0
+class _Reader:
+    """What both readers share: the bad-data policy and what makes a sample complete."""
+
+    def __init__(self, bad: BadSamples | None, strict: bool, labeled: bool):
+        self.bad = bad if bad is not None else BadSamples(strict)
         self.labeled = labeled
         """False for image-only shards (`segda shards images`): a sample without a label is then complete."""
 
-    def _bad(self, message: str, count: int = 1) -> None:
-        if self.strict:
-            raise SegdaError(message + " (strict mode; set data.strict=false to skip bad data)")
-        warn(message)
-        self.skipped += count
-
     def _complete(self, sample: dict, url: str) -> bool:
         if self.labeled and LABEL_EXT not in sample:
-            self._bad(f"sample {sample['__key__']} in {url} has no label ({LABEL_EXT}); skipped")
+            self.bad.report(f"sample {sample['__key__']} in {url} has no label ({LABEL_EXT}); skipped")
             return False
         if not any(ext in sample for ext in IMAGE_EXTS):
-            self._bad(f"sample {sample['__key__']} in {url} has no image ({'/'.join(IMAGE_EXTS)}); skipped")
+            self.bad.report(f"sample {sample['__key__']} in {url} has no image ({'/'.join(IMAGE_EXTS)}); skipped")
             return False
         return True
 
@@ -62,7 +58,7 @@ def is_labeled(ds: Dataset) -> bool:
     return (ds.manifest or {}).get("labeled") is not False
 
 
-class SampleReader(_BadDataPolicy):
+class SampleReader(_Reader):
     """Random access to the samples of an indexed dataset (`ds.indexed`), `threads` requests in flight.
 
     Remote reads are latency-bound (a round trip per request), so `fetch` starts a batch's requests on a small
@@ -71,8 +67,9 @@ class SampleReader(_BadDataPolicy):
     """
 
     def __init__(self, ds: Dataset, *, strict: bool = False, threads: int = 4,
-                 max_request: int = MAX_REQUEST_BYTES, timeout: float = 30.0, retries: int = 5):
-        super().__init__(strict, labeled=is_labeled(ds))
+                 max_request: int = MAX_REQUEST_BYTES, timeout: float = 30.0, retries: int = 5,
+                 bad: BadSamples | None = None):
+        super().__init__(bad, strict, labeled=is_labeled(ds))
         self.timeout, self.retries = timeout, retries
         if not ds.indexed:
             raise ValueError(f"{ds.spec} has no per-sample byte offsets; use ShardReader")
@@ -129,7 +126,7 @@ class SampleReader(_BadDataPolicy):
                 for position in positions:
                     yield from self._parse_run(shard, [position], _done(self._fetch_run, shard, [position]))
                 return
-            self._bad(f"shard {info.url} is shorter than its manifest says ({err}); sample "
+            self.bad.report(f"shard {info.url} is shorter than its manifest says ({err}); sample "
                       f"{info.samples[positions[0]][0]} lost")
             yield None
             return
@@ -143,11 +140,11 @@ class SampleReader(_BadDataPolicy):
             files = ({**f, "__url__": url} for f in tar_file_iterator(io.BytesIO(data)))
             samples = list(group_by_keys(files))
         except _TAR_ERRORS as err:
-            self._bad(f"sample {key} in {url} is corrupt ({type(err).__name__}: {err}); skipped")
+            self.bad.report(f"sample {key} in {url} is corrupt ({type(err).__name__}: {err}); skipped")
             return None
         if [s["__key__"] for s in samples] != [key]:
             found = [s["__key__"] for s in samples]
-            self._bad(f"the manifest says sample {key} is in {url} where the tar holds {found}: the manifest does not "
+            self.bad.report(f"the manifest says sample {key} is in {url} where the tar holds {found}: the manifest does not "
                       "belong to this shard; re-create the shards with `segda shards`")
             return None
         return samples[0] if self._complete(samples[0], url) else None
@@ -163,12 +160,12 @@ def _done(fn, *args) -> Future:
     return future
 
 
-class ShardReader(_BadDataPolicy):
+class ShardReader(_Reader):
     """Streams shards from byte 0, yielding the samples of a [start, stop) window of tar positions."""
 
     def __init__(self, ds: Dataset, *, strict: bool = False, verify: bool = False, allow_pipe: bool = False,
-                 timeout: float = 30.0, retries: int = 5):
-        super().__init__(strict, labeled=is_labeled(ds))
+                 timeout: float = 30.0, retries: int = 5, bad: BadSamples | None = None):
+        super().__init__(bad, strict, labeled=is_labeled(ds))
         self.ds, self.verify, self.allow_pipe = ds, verify, allow_pipe
         self.timeout, self.retries = timeout, retries
 
@@ -188,11 +185,11 @@ class ShardReader(_BadDataPolicy):
                         yield sample
             lost = self._lost(shard, start, stop, position)
             if lost:  # a tar that ends early, on a member boundary
-                self._bad(f"shard {url} holds {position} samples, the manifest says at least "
+                self.bad.report(f"shard {url} holds {position} samples, the manifest says at least "
                           f"{max(position, start) + lost}: {lost} planned sample(s) lost", lost)
         except _TAR_ERRORS as err:
             lost = self._lost(shard, start, stop, position)
-            self._bad(f"shard {url} is corrupt or truncated after {position} samples ({type(err).__name__}: "
+            self.bad.report(f"shard {url} is corrupt or truncated after {position} samples ({type(err).__name__}: "
                       f"{err}); {lost} planned sample(s) lost", lost)
 
     def _lost(self, shard: int, start: int, stop: int | None, position: int) -> int:
@@ -218,24 +215,3 @@ class ShardReader(_BadDataPolicy):
                              f"{info.sha256[:12]}...: re-download or re-create the shard")
         spool.seek(0)
         return spool
-
-
-def index_tar(fileobj) -> list[list]:
-    """[key, byte offset, byte size] of each sample of a tar, in tar order: the "samples" of a manifest entry.
-
-    Reads only the member headers when `fileobj` can seek (a local file), so indexing a shard is cheap.
-    """
-    from webdataset.tariterators import base_plus_ext
-
-    samples: list[list] = []
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key = base_plus_ext(member.name)[0]
-            end = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-            if samples and samples[-1][0] == key:
-                samples[-1][2] = end - samples[-1][1]
-            else:
-                samples.append([key, member.offset, end - member.offset])
-    return samples

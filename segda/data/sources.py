@@ -138,6 +138,11 @@ def _local_path(url: str, scheme: str) -> str:
     return urllib.request.url2pathname(urllib.parse.urlsplit(url).path) if scheme else url
 
 
+def local_path(url: str) -> str:
+    """The filesystem path of a local path or file:// URL."""
+    return _local_path(url, url_scheme(url))
+
+
 def _remote(url: str, scheme: str, retries: int, timeout: float, backoff: float, start: int = 0,
             end: int | None = None) -> "_Resumable":
     if scheme in ("http", "https"):

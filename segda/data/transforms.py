@@ -54,11 +54,20 @@ def rescale_factor(height: int, width: int, base_size, ratio: float) -> float:
 
 def warp_crop(array: np.ndarray, scale: float, x0: int, y0: int, out_w: int, out_h: int, nearest: bool,
               border) -> np.ndarray:
-    """The (out_h, out_w) window at (x0, y0) of `array` resized by `scale`, without resizing the whole frame."""
-    shift = 0.5 * scale - 0.5  # cv2.resize maps pixel centres: dst = scale * (src + 0.5) - 0.5
+    """The (out_h, out_w) window at (x0, y0) of `array` resized by `scale`, without resizing the whole frame.
+    Pixel centres map as cv2.resize maps them: dst = scale * (src + 0.5) - 0.5. Nearest (labels) picks source
+    pixel floor((dst + 0.5) / scale) exactly, in numpy: OpenCV's fixed-point nearest warp rounds such ties
+    differently from one version to the next."""
+    if nearest:
+        rows = np.floor((np.arange(out_h) + y0 + 0.5) / scale).astype(np.int64)
+        cols = np.floor((np.arange(out_w) + x0 + 0.5) / scale).astype(np.int64)
+        out = np.full((out_h, out_w) + array.shape[2:], border, array.dtype)
+        r_ok, c_ok = (rows >= 0) & (rows < array.shape[0]), (cols >= 0) & (cols < array.shape[1])
+        out[np.ix_(r_ok, c_ok)] = array[np.ix_(rows[r_ok], cols[c_ok])]
+        return out
+    shift = 0.5 * scale - 0.5
     matrix = np.array([[scale, 0, shift - x0], [0, scale, shift - y0]], dtype=np.float64)
-    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.warpAffine(array, matrix, (out_w, out_h), flags=flags, borderMode=cv2.BORDER_CONSTANT,
+    return cv2.warpAffine(array, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=border)
 
 
@@ -67,9 +76,11 @@ RARE_CLASS_CROP_SHARE = 0.0057
 
 
 def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, base_size, scale_range,
-                      crop_wh, cat_max_ratio: float, want: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      crop_wh, cat_max_ratio: float, want: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Random rescale + random crop (+ mmseg's cat_max_ratio retries, and for a rare-class draw, retries until
-    class `want` covers RARE_CLASS_CROP_SHARE of the crop), padded to crop_wh (width, height) with 0 / IGNORE."""
+    class `want` covers RARE_CLASS_CROP_SHARE of the crop), padded to crop_wh (width, height) with 0 / IGNORE.
+    Returns (image, label, (rows, columns) of the crop that hold the frame: the padding is below and right)."""
     height, width = label.shape
     scale = rescale_factor(height, width, base_size, rng.uniform(*scale_range))
     new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
@@ -86,7 +97,7 @@ def random_scale_crop(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
     if (out_h, out_w) != (crop_h, crop_w):
         image_crop = _pad(image_crop, crop_h, crop_w, 0)
         label_crop = _pad(label_crop, crop_h, crop_w, IGNORE)
-    return image_crop, label_crop
+    return image_crop, label_crop, (out_h, out_w)
 
 
 def _class_balance_ok(label: np.ndarray, cat_max_ratio: float) -> bool:
@@ -100,10 +111,12 @@ def _pad(array: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
     return np.pad(array, pad, constant_values=value)
 
 
-def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Horizontal flip with probability 0.5; the third value says whether it happened."""
     if rng.random() < 0.5:
-        return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1])
-    return image, label
+        return np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(label[:, ::-1]), True
+    return image, label, False
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -308,7 +308,7 @@ def _summary(manifest: dict, out: Path, seconds: float) -> None:
 def index_manifest(path: str | Path) -> dict:
     """Add per-sample byte ranges to a manifest written by segda < 0.2, reading only the tar headers of its local
     shards (seconds, where re-creating the shards re-encodes every label). Rewrites the manifest atomically."""
-    from segda.data.reader import index_tar
+    from segda.data.shardfiles import index_tar
 
     path = Path(path)
     try:
@@ -338,4 +338,37 @@ def index_manifest(path: str | Path) -> dict:
     manifest["format"] = MANIFEST_FORMAT
     atomic.write_json(path, manifest)
     info(f"indexed {sum(e['num_samples'] for e in entries)} samples in {len(entries)} shard(s): {path}")
+    return manifest
+
+
+def index_to(spec: str, out: str | Path, *, timeout: float = 30.0, retries: int = 5) -> dict:
+    """An indexed manifest at `out` for any dataset `spec` (a manifest or a shard pattern, local, http(s) or s3):
+    each shard is read once from start to end, for its sample offsets, its size and its sha256. Shard URLs are
+    written in full, so the new manifest can live anywhere."""
+    from segda.data.datasets import resolve_dataset
+    from segda.data.shardfiles import HashingReader, index_tar
+    from segda.data.sources import open_url, url_scheme
+
+    ds = resolve_dataset(spec)
+    entries = []
+    for shard in ds.shards:
+        try:
+            with open_url(shard.url, timeout=timeout, retries=retries) as stream:
+                hashing = HashingReader(stream)
+                samples = index_tar(hashing, streaming=True)
+                while hashing.read(1 << 20):  # the tar's end padding still counts in its size and hash
+                    pass
+        except (OSError, tarfile.TarError, EOFError) as err:
+            raise SegdaError(f"cannot index {shard.url} ({type(err).__name__}: {err}): a corrupt shard? re-create "
+                             "it") from err
+        if shard.num_samples is not None and shard.num_samples != len(samples):
+            raise SegdaError(f"{shard.url} holds {len(samples)} samples, {spec} says {shard.num_samples}: re-create "
+                             "the shards")
+        url = shard.url if url_scheme(shard.url) else str(Path(shard.url).resolve())
+        entries.append({"url": url, "num_samples": len(samples), "bytes": hashing.size,
+                        "sha256": hashing.digest.hexdigest(), "samples": samples})
+    manifest = {**(ds.manifest or {}), "format": MANIFEST_FORMAT, "shards": entries,
+                "num_samples": sum(e["num_samples"] for e in entries), "num_shards": len(entries)}
+    atomic.write_json(out, manifest)
+    info(f"indexed {manifest['num_samples']} samples in {len(entries)} shard(s) of {spec}: {out}")
     return manifest

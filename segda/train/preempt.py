@@ -52,8 +52,8 @@ class StopSignals:
 class Control:
     """Flags every rank must agree on, exchanged over a gloo group (CPU tensors: no device synchronisation)."""
 
-    def __init__(self, world: int):
-        self.world = world
+    def __init__(self, world: int, rank: int = 0):
+        self.world, self.rank = world, rank
         self._group = None
         if world > 1 and dist.is_available() and dist.is_initialized():
             gloo = dist.get_backend() == "gloo"

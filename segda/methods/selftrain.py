@@ -1,0 +1,177 @@
+"""LoRA self-training without target labels (DACS / DAFormer), for `segda adapt` with adapt.method=selftrain.
+
+Teacher: the same base with an exponential moving average of the adapter's trainable tensors; no second model.
+Its values are swapped into the module for the teacher's forward and swapped back, which costs two copies of the
+adapter (~150k numbers) per step. Each step the teacher labels the B target crops (a forward without gradients),
+then the student learns from B labelled source crops (cross-entropy) and the B target crops with half of a source
+crop's classes pasted in (ClassMix), strongly jittered and blurred, weighted by the teacher's confidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segda.classes import IGNORE
+from segda.data.stream import PairedData, TrainingData
+from segda.log import SegdaError
+from segda.methods import dacs
+from segda.methods.context import StepContext
+from segda.model import segmentation_loss
+
+
+class SelfTraining:
+    name = "selftrain"
+
+    def __init__(self, source_ds, target_ds, cfg):
+        self.source_ds, self.target_ds, self.cfg = source_ds, target_ds, cfg
+        a = cfg.adapt
+        self.alpha, self.threshold = a.ema_alpha, a.pseudo_threshold
+        self.source_order = None
+        if a.rare_class_temperature > 0:  # at start, not at the first batch
+            self.source_order = dacs.rare_class_order(source_ds, a.rare_class_temperature)
+        self.teacher: list[torch.Tensor] | None = None
+        self.module = None
+        self.micro = 0  # micro-batches since the last optimizer step: seeds ClassMix under grad_accum
+
+    def bind(self, module) -> None:
+        self.module = module
+        self.live = self.adapter_tensors(module)  # found once: the step swaps and averages them twice per step
+
+    def data(self, *, rank: int, world: int, pin_memory: bool) -> PairedData:
+        seed = self.cfg.train.seed
+        # The target's labels, if its shards have any, must not even steer its crops (cat_max_ratio retries).
+        target_cfg = dataclasses.replace(self.cfg.data, cat_max_ratio=1.0)
+        if target_cfg.target_base_size:
+            target_cfg = dataclasses.replace(target_cfg, base_size=target_cfg.target_base_size)
+        source = TrainingData(self.source_ds, self.cfg.data, rank=rank, world=world, seed=seed,
+                              pin_memory=pin_memory, order_of=self.source_order)
+        target = TrainingData(self.target_ds, target_cfg, rank=rank, world=world, seed=seed + 7919,
+                              pin_memory=pin_memory)
+        return PairedData(source, target)
+
+    # ---- the teacher ---------------------------------------------------------------------------------------
+    @staticmethod
+    def adapter_tensors(module) -> list[torch.Tensor]:
+        """The tensors the teacher averages: every trainable parameter, in the module's order (the same on every
+        rank). Not the running statistics of the norms the adapter trains: under DDP each rank updates its own
+        from its own batch (DDP re-broadcasts rank 0's at each forward), so an average of them would differ
+        between ranks. The teacher uses the student's current ones, as DAFormer's teacher does."""
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def _ensure_teacher(self) -> list[torch.Tensor]:
+        if self.teacher is None:  # step 0: the teacher is a copy of the student (the source model)
+            self.teacher = [t.detach().float().clone() for t in self.live]
+        return self.teacher
+
+    @contextmanager
+    def teacher_weights(self, module):
+        """The module with the teacher's values in place of the student's, in eval mode; restored on exit."""
+        live = self.live
+        teacher = self._ensure_teacher()
+        saved = [t.detach().clone() for t in live]
+        modes = [m.training for m in module.modules()]
+        with torch.no_grad():
+            torch._foreach_copy_(live, [t.to(x.dtype) for t, x in zip(teacher, live)])
+        module.eval()
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, saved)
+            for m, mode in zip(module.modules(), modes):
+                m.training = mode
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step` (1-based): teacher <- m * teacher + (1 - m) * student."""
+        teacher = self._ensure_teacher()
+        dacs.ema_update(teacher, [s.detach().float() for s in self.live], dacs.ema_momentum(step, self.alpha))
+        self.micro = 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"teacher.{i}": t.detach().cpu() for i, t in enumerate(self.teacher or [])}
+
+    def load_state_dict(self, tensors: dict) -> None:
+        expected = self.live
+        if not tensors:
+            raise SegdaError("the checkpoint holds no state of the selftrain method (written by another method or an "
+                             "older segda): resume with the adapt.method it was written with")
+        if len(tensors) != len(expected) or any(tuple(tensors.get(f"teacher.{i}", torch.empty(0)).shape) !=
+                                                tuple(t.shape) for i, t in enumerate(expected)):
+            raise SegdaError(f"the checkpoint's teacher holds {len(tensors)} tensors, this adapter {len(expected)} of "
+                             "other shapes; resume with the lora.* settings it was written with")
+        self.teacher = [tensors[f"teacher.{i}"].to(expected[i].device).float() for i in range(len(expected))]
+
+    @contextmanager
+    def kept_weights(self, module):
+        """adapt.save=teacher: the EMA teacher is what the run evaluates and saves (restored on exit); student: the
+        student as trained."""
+        if self.cfg.adapt.save != "teacher":
+            yield
+            return
+        with self.teacher_weights(module):
+            yield
+
+    def saved_adapters(self, module) -> list[tuple[str, object]]:
+        """RUN_DIR/adapter holds the kept weights (adapt.save), RUN_DIR/adapter-<other> the other ones."""
+        if self.cfg.adapt.save == "teacher":
+            return [("adapter-student", nullcontext()), ("adapter", self.teacher_weights(module))]
+        return [("adapter-teacher", self.teacher_weights(module)), ("adapter", nullcontext())]
+
+    # ---- the step ------------------------------------------------------------------------------------------
+    def to_device(self, batch: dict, ctx: StepContext) -> dict:
+        source, target = batch["source"], batch["target"]
+        generator = torch.Generator().manual_seed(int(np.random.default_rng(
+            [ctx.seed, ctx.rank, ctx.step, self.micro, 0x5E1F]).integers(2 ** 62)))
+        self.micro += 1
+        # ClassMix masks from the CPU labels: `unique` on the host costs no device sync
+        # Target crop i gets source crop i's classes; an epoch's last batch of one side may be shorter (cycle it)
+        pair = [i % len(source["key"]) for i in range(len(target["key"]))]
+        masks = torch.stack([dacs.class_mix_mask(source["label"][i], generator) for i in pair])
+        if ctx.device.type == "cuda":
+            masks = masks.pin_memory()  # a pageable host copy would block the host until the device catches up
+        return {"source": ctx.pixels(source["image"]), "target": ctx.pixels(target["image"]),
+                "labels": source["label"].to(ctx.device, non_blocking=True), "pair": pair,
+                "masks": masks.to(ctx.device, non_blocking=True), "generator": generator,
+                "crops": len(source["key"])}
+
+    def crops(self, inputs: dict) -> int:
+        return inputs["crops"]
+
+    def loss(self, inputs: dict, student, ctx: StepContext) -> torch.Tensor:
+        source_pixels, target_pixels, source_labels = inputs["source"], inputs["target"], inputs["labels"]
+        b, pair = source_pixels.shape[0], inputs["pair"]
+        with torch.no_grad(), self.teacher_weights(ctx.module) as teacher, ctx.autocast():
+            teacher_logits = teacher(pixel_values=target_pixels).logits
+        teacher_logits = F.interpolate(teacher_logits.float(), size=target_pixels.shape[-2:], mode="bilinear",
+                                       align_corners=False)
+        pseudo, weight = dacs.pseudo_labels(teacher_logits, self.threshold,
+                                            per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
+        # Source crop i takes the colours of target crop i (i mod the target's length when the source's batch is
+        # longer), the crop it is mixed into; a longer target batch mixes source crop i mod B into its extra crops
+        if self.cfg.adapt.colour_transfer:
+            looks = target_pixels
+            if target_pixels.shape[0] != b:
+                looks = target_pixels[torch.arange(b, device=ctx.device) % target_pixels.shape[0]]
+            source_pixels = dacs.match_colours(source_pixels, looks)
+        pasted_pixels, pasted_labels = source_pixels, source_labels
+        if pair != list(range(b)):  # an index made on the device: no blocking copy
+            index = torch.arange(len(pair), device=ctx.device) % b
+            pasted_pixels, pasted_labels = source_pixels[index], source_labels[index]
+        mixed, mixed_labels, mixed_weight = dacs.class_mix(inputs["masks"], pasted_pixels, pasted_labels,
+                                                           target_pixels, pseudo, weight)
+        mixed = dacs.strong_photometric(mixed.float(), inputs["generator"]).to(source_pixels.dtype)
+        logits = student(pixel_values=torch.cat([source_pixels, mixed])).logits
+        return segmentation_loss(logits[:b], source_labels) + weighted_loss(logits[b:], mixed_labels, mixed_weight)
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each pixel times its weight, averaged over the non-IGNORE pixels (no sync)."""
+    labels = labels.long()
+    up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    per_pixel = F.cross_entropy(up, labels, ignore_index=IGNORE, reduction="none")
+    return (per_pixel * weight).sum() / (labels != IGNORE).sum().clamp(min=1)

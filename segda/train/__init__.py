@@ -1,0 +1,52 @@
+"""One training loop for both stages: `pretrain` trains the whole SegFormer, `adapt` trains a LoRA adapter.
+
+    accelerate launch --config_file launch/accelerate/cpu_ddp.yaml -m segda pretrain configs/demo/pretrain.yaml
+
+    setup.py          the Accelerator, model, optimizer, method, data, checkpointer: a `Trainer` of stateful parts
+    loop.py           the loop: batch -> method's host work -> step -> log / evaluate / checkpoint / stop
+    step.py           one micro-batch: loss, backward, clipping, optimizer, the non-finite guard
+    checkpointer.py   saves and restores every stateful part (safetensors + JSON, or DeepSpeed's own format)
+    state.py          the loop's counters (checkpointed), one metrics line, the host time of each phase
+    optim.py          the optimizer recipe; resume.py what a resume may change; outputs.py what a run writes
+    guard.py, preempt.py, rng.py   non-finite steps, clean stops on SIGTERM/SIGUSR1, each rank's RNG
+
+Outputs: RUN_DIR/model (pretrain) or RUN_DIR/adapter (adapt, adapter only), RUN_DIR/run.json,
+RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from segda.config import Config
+from segda.train import outputs, setup
+from segda.train.loop import resumed_line, train_loop
+from segda.train.preempt import Preempted, StopSignals
+from segda.train.setup import STAGES
+
+__all__ = ["train", "STAGES"]
+
+
+def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
+    """Run one stage; return the summary that also goes to RUN_DIR/run.json."""
+    # From the first moment: a SIGTERM during start-up is answered at the first step, not by dying.
+    signals = StopSignals()
+    try:
+        trainer, found, saved = setup.build(stage, cfg, Path(out_dir), resume, signals)
+        setup.restore(trainer, found, saved)
+        if found is not None:
+            resumed_line(trainer, found)
+        try:
+            return train_loop(trainer)
+        except Preempted:
+            raise
+        except BaseException as err:  # run.json must not say "running" after the run died
+            if (trainer.out / "run.json").is_file():
+                try:
+                    message = str(err).rsplit("SegdaError: ", 1)[-1].strip()
+                    outputs.record_status(trainer, "failed", error=f"{type(err).__name__}: {message}")
+                except Exception:  # recording the failure must not hide it (a full disk fails here too)
+                    pass
+            raise
+    finally:
+        signals.restore()
