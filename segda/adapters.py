@@ -48,7 +48,12 @@ def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 def attach_lora(model, cfg: LoraConfig) -> PeftModel:
     """Freeze `model`, add LoRA to the configured layers, and unfreeze the configured head parts."""
-    peft_model = get_peft_model(model, peft_config(cfg))
+    try:
+        peft_model = get_peft_model(model, peft_config(cfg))
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise SegdaError(f"lora.target_modules {cfg.target_modules} (lora.head {cfg.head}) match no layer of the model "
+                         f"({err}); transformers 5 SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2") \
+            from None
     matched = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
     if not matched:
         raise SegdaError(f"lora.target_modules {cfg.target_modules} match no layer of the model; transformers 5 "
@@ -109,7 +114,22 @@ def read_metadata(adapter_dir: str | Path, base: str | None = None) -> dict:
             return {}
         raise SegdaError(f"{path} is missing: was {adapter_dir} written by `segda adapt`? Pass --base BASE to "
                          "apply a plain peft adapter to that base without the fingerprint check")
-    return json.loads(path.read_text())
+    meta = read_json(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("base_fingerprint", ""), str):
+        raise SegdaError(f"{path} is not segda's adapter metadata (a JSON object with base_model and "
+                         "base_fingerprint): copy the adapter folder again or re-run `segda adapt`")
+    return meta
+
+
+def read_json(path: Path):
+    """A small JSON file of an adapter folder; SegdaError naming it when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise SegdaError(f"{path} is damaged ({type(err).__name__}: {err}): copy the adapter folder again or re-run "
+                         "`segda adapt`") from None
+    except OSError as err:
+        raise SegdaError(f"cannot read {path}: {err.strerror}") from None
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -146,16 +166,22 @@ def _load_adapted(adapter_dir, base, allow_base_mismatch) -> tuple[PeftModel, st
     found = fingerprint(model)  # before peft injects its layers
     _check_fingerprint(meta, found, adapter_dir, base_path, allow_base_mismatch)
     # peft reads adapter_model.safetensors (safetensors only: there is no .bin in a segda adapter).
+    read_json(Path(adapter_dir) / "adapter_config.json")  # damaged JSON: named here, not deep inside peft
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False), found
     except SafetensorError as err:
         raise SegdaError(f"{Path(adapter_dir) / WEIGHTS} is corrupt or truncated ({err}); copy the adapter again or "
                          "re-run `segda adapt`") from err
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:  # a config peft cannot use, shapes that differ
+        raise SegdaError(f"{adapter_dir} does not fit its base {base_path} ({type(err).__name__}: "
+                         f"{str(err)[:300]}): check adapter_config.json, or copy the adapter folder again") from None
 
 
 def _layout(adapter_dir) -> tuple:
     """What peft injects for an adapter: adapters of one layout can live side by side on one base."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    config = read_json(Path(adapter_dir) / "adapter_config.json")
+    if not isinstance(config, dict):
+        raise SegdaError(f"{Path(adapter_dir) / 'adapter_config.json'} is not a JSON object: copy the adapter again")
     return tuple(sorted(config.get("target_modules") or [])), tuple(sorted(config.get("modules_to_save") or []))
 
 

@@ -17,14 +17,31 @@ from segda.log import SegdaError
 
 
 def _size(text: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT (or N for NxN) -> (width, height): the one size form of configs and flags alike."""
+    """WIDTHxHEIGHT (or N for NxN) -> (width, height): the one size form of configs and flags alike, at most the
+    pixels segda decodes in one image."""
     from segda.config import parse_size
+    from segda.data.transforms import MAX_IMAGE_PIXELS
 
     try:
-        return parse_size(text, "size").wh
+        width, height = parse_size(text, "size").wh
     except SegdaError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write WIDTHxHEIGHT, e.g. 1280x720 (or N for "
                                          "NxN)") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise argparse.ArgumentTypeError(f"{text}: more than the {MAX_IMAGE_PIXELS >> 20} megapixels segda handles in "
+                                         "one image")
+    return width, height
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (at most an hour)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value <= 3600):  # nan and inf fail here too
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0, at most 3600")
+    return value
 
 
 def _int_in(low: int, high: int | None = None):
@@ -47,7 +64,7 @@ def _add_synth(sub) -> None:
     p.add_argument("out", help="folder to write the raw dataset into")
     p.add_argument("--num", type=_int_in(1), default=40, help="number of frames (default 40)")
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT (default 320x176 gta5, 320x160 cityscapes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2 ** 31 - 1), default=0)
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="cityscapes, acdc: split folder")
     p.add_argument("--condition", default="fog,night,rain,snow", help="acdc: comma-separated conditions")
     p.add_argument("--no-quirks", action="store_true", help="gta5: no frames with image/label size mismatch")
@@ -176,6 +193,8 @@ def _add_train(sub, stage: str, help_: str) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="auto (default when given): newest checkpoint under --out; or a checkpoint folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier run: move it aside to OUT.old-DATE (never deleted) and start anew")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config fields, e.g. --set train.seed=1 data.batch_size=4 (repeatable)")
     p.set_defaults(run=_run_train, stage=stage)
@@ -190,7 +209,7 @@ def _run_train(args) -> int:
     from segda.train.preempt import EXIT_PREEMPTED, Preempted
 
     try:
-        train(args.stage, cfg, args.out, resume=args.resume)
+        train(args.stage, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     except Preempted as stop:  # a clean stop, not an error: the scheduler requeues on this status
         print(f"segda: preempted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
@@ -203,7 +222,9 @@ def _add_inference_flags(p) -> None:
     p.add_argument("--crop", type=_size, default=(512, 512), help="slide mode: window WIDTHxHEIGHT (default 512)")
     p.add_argument("--stride", type=_size, default=(341, 341), help="slide mode: window step WIDTHxHEIGHT (default 341)")
     p.add_argument("--flip", action="store_true", help="flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=4, help="frames (whole) or windows (slide) per forward")
+    p.add_argument("--batch-size", type=_int_in(1), default=4, help="frames (whole) or windows (slide) per forward")
+    p.add_argument("--max-pixels", type=_int_in(1), default=8192 * 4096,
+                   help="refuse frames larger than this many pixels (default 8192x4096: their logits take 2.5 GB)")
     p.add_argument("--base", default=None, help="base model for adapters (default: the one the adapter records)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="apply an adapter to a base whose fingerprint differs from the one it was trained on")
@@ -213,7 +234,7 @@ def _inference_options(args):
     from segda.evaluate import InferenceOptions
 
     return InferenceOptions(mode=args.mode, eval_size=args.eval_size, crop=args.crop,
-                            stride=args.stride, flip=args.flip, batch_size=args.batch_size)
+                            stride=args.stride, flip=args.flip, batch_size=args.batch_size, max_pixels=args.max_pixels)
 
 
 def _add_evaluate(sub) -> None:
@@ -231,8 +252,12 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--examples", type=int, default=4, help="example predictions per pair in the report")
     p.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest")
     p.add_argument("--allow-pipe", action="store_true", help="allow pipe: URLs (they run shell commands)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a remote read may wait (data.timeout)")
+    p.add_argument("--timeout", type=_seconds, default=30.0, help="seconds a remote read may wait (data.timeout)")
     p.add_argument("--retries", type=_int_in(1), default=5, help="attempts per remote read (data.retries)")
+    p.add_argument("--colour-match", default=None, metavar="SPEC",
+                   help="match each frame's colours (Reinhard, YCbCr) to SPEC's before inference: a manifest (its "
+                        "colour_stats, else its frames are read) or a JSON {ycc_mean, ycc_std}; a no-training "
+                        "baseline for domain adaptation")
     _add_inference_flags(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -243,12 +268,17 @@ def _run_evaluate(args) -> int:
 
     if args.limit < 0 or args.workers < 0 or args.examples < 0:
         raise SegdaError("--limit, --workers and --examples must be >= 0")
-    if args.timeout <= 0:
-        raise SegdaError("--timeout must be a positive number of seconds")
     data_cfg = DataConfig(workers=args.workers, verify=args.verify, allow_pipe=args.allow_pipe,
                           eval_size="{}x{}".format(*args.eval_size), timeout=args.timeout, retries=args.retries)
+    opts = _inference_options(args)
+    if args.colour_match:
+        import dataclasses
+
+        from segda.colourstats import load_colour_stats
+
+        opts = dataclasses.replace(opts, colour_match=load_colour_stats(args.colour_match, data_cfg))
     evaluate_matrix(parse_labeled(args.model, "model"), parse_labeled(args.data, "data"), args.out, data_cfg,
-                    _inference_options(args), base=args.base, allow_base_mismatch=args.allow_base_mismatch,
+                    opts, base=args.base, allow_base_mismatch=args.allow_base_mismatch,
                     limit=args.limit, num_examples=args.examples, protocol=args.classes)
     return 0
 
@@ -292,91 +322,27 @@ def _run_export(args) -> int:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole study on synthetic data: synth, shards, pretrain, adapt, evaluate")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--processes", type=int, default=1, help="CPU processes for the training stages (DDP)")
+    p.add_argument("--processes", type=_int_in(1, 64), default=1, help="CPU processes for the training stages (DDP)")
     p.add_argument("--oracle", action="store_true", help="also train on the target domain directly ('target')")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2 ** 31 - 1), default=0)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (numbers meaningless)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds an earlier study: move it aside to OUT.old-DATE (never deleted) and start anew")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from segda.demo import SMOKE, DemoSize, run_demo
 
-    run_demo(args.out, args.processes, args.oracle, args.seed, SMOKE if args.smoke else DemoSize())
+    run_demo(args.out, args.processes, args.oracle, args.seed, SMOKE if args.smoke else DemoSize(),
+             overwrite=args.overwrite)
     return 0
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="throughput of segda against a plain baseline, side by side")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    loader = kinds.add_parser("loader", help="shard stream vs PIL + SegformerImageProcessor on the raw PNGs")
-    loader.add_argument("--data", required=True, help="manifest of the shards")
-    loader.add_argument("--raw", required=True, help="the raw dataset folder the shards were made from")
-    loader.add_argument("--workers", type=_int_in(0), default=1)
-    loader.add_argument("--crop", type=_size, default=(512, 512), help="WIDTHxHEIGHT (default 512)")
-    loader.add_argument("--batch", type=int, default=4)
-    loader.add_argument("--samples", type=int, default=64, help="samples per timed run")
-    loader.add_argument("--base-size", type=_size, default=None, help="WIDTHxHEIGHT the rescale is relative to")
-    loader.add_argument("--repeats", type=int, default=3)
-    loader.add_argument("--crops-per-frame", type=int, default=1, help="crops cut from each decoded frame")
-    train = kinds.add_parser("train", help="segda's training step vs a plain transformers fp32 loop")
-    train.add_argument("--crop", type=_size, default=(256, 256), help="WIDTHxHEIGHT (default 256)")
-    train.add_argument("--batch", type=int, default=4)
-    train.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    train.add_argument("--repeats", type=int, default=3)
-    train.add_argument("--device", default=None)
-    train.add_argument("--compile", action="store_true", help="also time segda's step under torch.compile")
-    train.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
-    adapters = kinds.add_parser("adapters", help="evaluating adapters of one base: shared base vs reloading it")
-    adapters.add_argument("adapters", nargs="+", help="adapter folders of the same base")
-    adapters.add_argument("--data", required=True, help="a manifest to evaluate on")
-    adapters.add_argument("--eval-size", type=_size, default=(1024, 512))
-    adapters.add_argument("--repeats", type=_int_in(1), default=3)
-    codec = kinds.add_parser("codec", help="PXZ, the default shard codec, vs PNG: bytes and decode time per image")
-    codec.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...): use frames of your own dataset")
-    codec.add_argument("--repeats", type=_int_in(1), default=7)
-    shards = kinds.add_parser("shards", help="segda's creator vs tar of the raw files")
-    shards.add_argument("dataset", choices=["gta5", "cityscapes"])
-    shards.add_argument("raw")
-    shards.add_argument("--split", default="train")
-    shards.add_argument("--workers", type=_int_in(1), default=1)
-    shards.add_argument("--repeats", type=int, default=3)
-    stream = kinds.add_parser("stream", help="W ranks x K workers in one process against counting HTTP/S3 servers")
-    stream.add_argument("--world", type=int, default=8, help="simulated ranks (default 8)")
-    stream.add_argument("--workers", type=_int_in(0), default=8, help="loader workers per rank (default 8)")
-    stream.add_argument("--train", type=int, default=2975, help="training frames (default: Cityscapes' 2,975)")
-    stream.add_argument("--val", type=int, default=500, help="validation frames (default: Cityscapes' 500)")
-    stream.add_argument("--shard-size", type=int, default=256)
-    stream.add_argument("--size", type=_size, default=(64, 32), help="frame WIDTHxHEIGHT (default 64x32)")
-    stream.add_argument("--batch", type=int, default=8, help="frames per batch per rank (default 8)")
-    stream.add_argument("--sources", default="http,s3", help="comma-separated: http, s3 (default both)")
-    stream.add_argument("--data-dir", default=None, help="keep the generated shards here and reuse them")
-    stream.add_argument("--no-stall", action="store_true", help="skip the real-DataLoader epoch-boundary stall")
-    p.set_defaults(run=_run_bench)
+    from segda.bench.cli import add_parser
 
-
-def _run_bench(args) -> int:
-    from segda import bench
-
-    if args.kind == "loader":
-        bench.bench_loader(args.data, args.raw, args.workers, args.crop, args.batch, args.samples, args.repeats,
-                           args.base_size, args.crops_per_frame)
-    elif args.kind == "adapters":
-        bench.bench_adapters(args.adapters, args.data, args.repeats, args.eval_size)
-    elif args.kind == "codec":
-        bench.bench_codec(args.images, args.repeats)
-    elif args.kind == "train":
-        bench.bench_train(args.crop, args.batch, args.steps, args.repeats, args.device, compile=args.compile,
-                          channels_last=args.channels_last)
-    elif args.kind == "stream":
-        from segda.bench_stream import bench_stream
-
-        bench_stream(args.world, args.workers, data_dir=args.data_dir, train=args.train, val=args.val,
-                     shard_size=args.shard_size, size=args.size, batch=args.batch,
-                     sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()), stall=not args.no_stall)
-    else:
-        bench.bench_shards(args.dataset, args.raw, args.split, args.workers, args.repeats)
-    return 0
+    add_parser(sub, _size, _int_in)
 
 
 def build_parser() -> argparse.ArgumentParser:

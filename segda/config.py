@@ -93,6 +93,10 @@ class DataConfig:
     """Attempts per remote read before giving up (exponential backoff, each retry announced on stderr)."""
     io_threads: int = 4
     """Sample reads in flight per loader worker (indexed datasets): hides the round trip of each Range request."""
+    threads: str = "auto"
+    """CPU threads of the training process and its loader workers. auto: the cores shared out so that no core runs
+    two busy threads (segda.data.loader.thread_budget; OMP_NUM_THREADS, if set, still rules the training process);
+    library: OpenMP and OpenCV start one thread per core in every process, as they do by themselves."""
     eval_size: Size = Size("1024x512")
     """WIDTHxHEIGHT frames are resized to for whole-image evaluation; logits go back to label size."""
     verify: bool = False
@@ -125,6 +129,7 @@ class DataConfig:
         check(0 < self.cat_max_ratio <= 1, "data.cat_max_ratio", "must be in (0, 1]")
         check(min(self.eval_size.wh) >= 8, "data.eval_size", "must be at least 8x8")
         check(self.io_threads >= 1, "data.io_threads", "must be at least 1")
+        check(self.threads in ("auto", "library"), "data.threads", f"must be auto or library (got {self.threads!r})")
         check(0 < self.timeout <= 3600, "data.timeout", "must be a positive number of seconds (at most 3600)")
         check(self.retries >= 1, "data.retries", "must be at least 1")
         check(self.crops_per_frame >= 1 and self.batch_size % self.crops_per_frame == 0, "data.crops_per_frame",
@@ -198,6 +203,9 @@ class TrainConfig:
     """torch.compile the training forward and backward (first steps compile; measure with `segda bench train`)."""
     compile_backend: str = "inductor"
     """torch.compile backend: inductor (fast kernels); aot_eager or eager only check that the model traces."""
+    compile_mode: str = "default"
+    """inductor's mode: default, reduce-overhead (CUDA graphs: removes kernel-launch overhead, the cost of small
+    batches on fast GPUs), max-autotune or max-autotune-no-cudagraphs (slower to compile; measure first)."""
     channels_last: bool = False
     """Feed the model channels-last tensors (can help convolutions on GPUs with tensor cores: measure first)."""
     seed: int = 0
@@ -214,6 +222,8 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
         check(self.log_every >= 1, "train.log_every", "must be at least 1")
         check(0 <= self.seed < 2 ** 31, "train.seed", "must be a whole number from 0 to 2**31 - 1")
+        check(self.compile_mode in COMPILE_MODES, "train.compile_mode",
+              f"must be one of {', '.join(COMPILE_MODES)} (got {self.compile_mode!r})")
 
 
 @dataclass
@@ -239,6 +249,7 @@ class LoraConfig:
               "is empty and lora.head is none: nothing would train; name encoder layers (q_proj, fc1, ...)")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 HEAD_MODES = ("none", "classifier", "classifier+norm", "lora", "full")
 
 
@@ -251,10 +262,25 @@ class AdaptConfig:
     ema_alpha: float = 0.999
     """selftrain: the teacher's EMA momentum, warmed up as min(1 - 1/(step + 1), ema_alpha) (DAFormer)."""
     pseudo_threshold: float = 0.968
-    """selftrain: a target frame's pseudo-labels weigh its share of pixels the teacher is this sure of (DAFormer)."""
-    pseudo_weight: str = "image"
-    """selftrain: how a pseudo-label counts. image: each pixel weighs its image's share of confident pixels
-    (DAFormer); pixel: a pixel counts (weight 1) only if the teacher is confident of it (FixMatch)."""
+    """selftrain: a pseudo-label is confident when the teacher's top probability reaches this (DAFormer)."""
+    pseudo_weight: str = "batch"
+    """selftrain: how a pseudo-label counts. batch: every target pixel weighs the batch's share of confident
+    pixels (DAFormer, one number per batch); image: its image's share; pixel: 1 if the teacher is confident of it,
+    else 0 (FixMatch)."""
+    pseudo_loss_weight: float = 1.0
+    """selftrain: multiplies the pseudo-labelled pixels' weight in the mixed loss (the pasted source pixels keep
+    weight 1); 0 learns from the mixed frames' source pixels alone, a baseline (the teacher then never runs)."""
+    pseudo_ignore_top: int = 15
+    """selftrain: the first rows of each target crop are never pseudo-labelled (DAFormer's 15 for 512x512 crops
+    of Cityscapes); padding never is either."""
+    pseudo_ignore_bottom: int = 120
+    """selftrain: neither are the last rows of each target crop (DAFormer's 120: Cityscapes' car hood)."""
+    teacher_norm_stats: str = "batch"
+    """selftrain: the statistics the teacher's BatchNorm uses on target crops. batch: the target batch's own (DAFormer,
+    whose teacher stays in train mode); running: the student's running statistics (source-like)."""
+    student_forward: str = "separate"
+    """selftrain: separate: the source and the mixed batch go through the student in two forwards, so BatchNorm
+    sees each domain's statistics (DAFormer); joint: one forward of both (one batch of 2B)."""
     rare_class_temperature: float = 0.01
     """selftrain: rare-class sampling of source frames, P(c) ~ exp((1 - f_c) / T) (DAFormer: 0.01); 0 disables."""
     colour_transfer: bool = False
@@ -279,8 +305,19 @@ class AdaptConfig:
         check(0 < self.pseudo_threshold <= 1, "adapt.pseudo_threshold", "must be in (0, 1]")
         check(self.rare_class_temperature >= 0, "adapt.rare_class_temperature", "must be >= 0 (0 disables it)")
         check(self.save in ("teacher", "student"), "adapt.save", f"must be teacher or student (got {self.save!r})")
-        check(self.pseudo_weight in ("image", "pixel"), "adapt.pseudo_weight",
-              f"must be image or pixel (got {self.pseudo_weight!r})")
+        check(self.pseudo_weight in ("batch", "image", "pixel"), "adapt.pseudo_weight",
+              f"must be batch, image or pixel (got {self.pseudo_weight!r})")
+        check(self.pseudo_loss_weight >= 0, "adapt.pseudo_loss_weight", "must be >= 0 (0: no pseudo-label loss)")
+        check(self.teacher_norm_stats in ("batch", "running"), "adapt.teacher_norm_stats",
+              f"must be batch or running (got {self.teacher_norm_stats!r})")
+        check(self.student_forward in ("separate", "joint"), "adapt.student_forward",
+              f"must be separate or joint (got {self.student_forward!r})")
+        rows = data.crop_size.hw[0]
+        check(self.method != "selftrain" or self.pseudo_ignore_top >= 0 and self.pseudo_ignore_bottom >= 0 and
+              self.pseudo_ignore_top + self.pseudo_ignore_bottom < rows, "adapt.pseudo_ignore_top",
+              f"and adapt.pseudo_ignore_bottom must be >= 0 and leave rows of the {rows}-row crop (data.crop_size) to "
+              f"pseudo-label (got {self.pseudo_ignore_top} and {self.pseudo_ignore_bottom}); DAFormer's 15 and 120 "
+              "are for 512-row crops")
 
 
 ADAPT_METHODS = ("supervised", "selftrain")

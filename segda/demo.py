@@ -5,9 +5,12 @@
 1. synthetic GTA5 (train + val) and Cityscapes (train + val) in the real raw layouts (`segda synth`)
 2. their shards, through the real creators (`segda shards`)
 3. pretrain SegFormer (MiT-b0 architecture, random init) on the GTA5 shards (`segda pretrain`)
-4. + 5. adapt it to Cityscapes with LoRA, saving only the adapter (`segda adapt`): `source+lora` with Cityscapes
-   labels; `source+uda` self-trained without any, from image-only shards of the same frames (adapt.method=selftrain)
-6. evaluate every model on both validation sets and write DIR/report.md + DIR/report.json (`segda evaluate`)
+4. adapt it to Cityscapes with LoRA, saving only the adapter (`segda adapt`): `source+lora` with Cityscapes labels
+5. self-train adapters without any Cityscapes label, from image-only shards of the same frames
+   (adapt.method=selftrain, DAFormer's recipe): `source+uda`, and beside it `source+uda-nopseudo`, the same run with
+   the pseudo-label loss weighted 0 (what ClassMix of labelled source crops alone gives)
+6. evaluate every model on both validation sets and write DIR/report.md + DIR/report.json (`segda evaluate`), with
+   `source+colour`: the source model on frames colour-matched to the source's look (no training at all)
 With --oracle a model is also trained on Cityscapes directly (`target`): the gain the adapter could reach.
 Training stages run as their own processes, under `accelerate launch` when --processes > 1, exactly as a
 user would run them.
@@ -23,9 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from segda.colourstats import load_colour_stats
 from segda.config import DataConfig
 from segda.evaluate import InferenceOptions, evaluate_matrix
 from segda.log import SegdaError, info
+from segda.rundir import STUDY_MARKERS, claim
 from segda.shards.encode import EncodeOptions
 from segda.shards.synth import synth_cityscapes, synth_gta5
 from segda.shards.writer import CreateOptions, create_shards, manifest_path
@@ -97,8 +102,13 @@ def _train(stage: str, config: str, run: Path, steps: int, processes: int, overr
 
 
 def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = False, seed: int = 0,
-             size: DemoSize = DemoSize()) -> dict:
+             size: DemoSize = DemoSize(), overwrite: bool = False) -> dict:
     out = Path(out)
+    with claim(out, command="demo", resume=None, overwrite=overwrite, markers=STUDY_MARKERS):
+        return _study(out, processes, oracle, seed, size)
+
+
+def _study(out: Path, processes: int, oracle: bool, seed: int, size: DemoSize) -> dict:
     times = {}
     start = _stage("1-2. synthetic datasets and their shards")
     manifests = make_data(out, size, seed)
@@ -115,12 +125,20 @@ def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = Fa
            [f"data.train={manifests['cityscapes-train']}", f"model.name_or_path={out / 'runs' / 'source' / 'model'}",
             f"train.seed={seed}"])
     times["adapt_s"] = time.perf_counter() - start
-    start = _stage("5b. self-train an adapter on synthetic Cityscapes without its labels")
-    _train("adapt", "selftrain.yaml", out / "runs" / "uda", size.uda_steps, processes,
-           [f"data.train={manifests['gta5-train']}", f"data.target={manifests['cityscapes-train-images']}",
-            f"model.name_or_path={out / 'runs' / 'source' / 'model'}", f"train.seed={seed}"])
+    selftrain = [f"data.train={manifests['gta5-train']}", f"data.target={manifests['cityscapes-train-images']}",
+                 f"model.name_or_path={out / 'runs' / 'source' / 'model'}", f"train.seed={seed}"]
+    start = _stage("5. self-train an adapter on synthetic Cityscapes without its labels")
+    _train("adapt", "selftrain.yaml", out / "runs" / "uda", size.uda_steps, processes, selftrain)
     times["uda_s"] = time.perf_counter() - start
-    models = [("source", str(out / "runs" / "source" / "model")), ("source+uda", str(out / "runs" / "uda" / "adapter")),
+    start = _stage("5b. the same without pseudo-labels (adapt.pseudo_loss_weight=0): the baseline beside it")
+    _train("adapt", "selftrain.yaml", out / "runs" / "uda-nopseudo", size.uda_steps, processes,
+           [*selftrain, "adapt.pseudo_loss_weight=0"])
+    times["uda_nopseudo_s"] = time.perf_counter() - start
+    source = str(out / "runs" / "source" / "model")
+    looks = load_colour_stats(str(manifests["gta5-train"]), DataConfig())
+    models = [("source", source), ("source+colour", source, {"colour_match": looks}),
+              ("source+uda-nopseudo", str(out / "runs" / "uda-nopseudo" / "adapter")),
+              ("source+uda", str(out / "runs" / "uda" / "adapter")),
               ("source+lora", str(out / "runs" / "lora" / "adapter"))]
     if oracle:
         start = _stage("oracle: train on synthetic Cityscapes directly")

@@ -11,6 +11,7 @@ full resolution, optionally with flip test-time augmentation.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from segda.config import DataConfig
 from segda.data.datasets import resolve_dataset
 from segda.data.eval_stream import eval_loader
 from segda.log import SegdaError, info
-from segda.model import normalize
+from segda.methods.photometric import reinhard
+from segda.model import MEAN_01, STD_01, normalize, on_device
 from segda.report import metrics_from_confusion
 
 
@@ -41,19 +43,40 @@ class InferenceOptions:
     """Average logits with those of the horizontally flipped frame."""
     batch_size: int = 4
     """Frames (whole) or windows (slide) per forward pass."""
+    colour_match: tuple | None = None
+    """(YCbCr mean, spread) each frame is Reinhard-matched to before inference (`--colour-match`): test-time
+    colour matching to the source domain's look, a baseline that needs no training."""
+
+    max_pixels: int = 8192 * 4096
+    """Refuse to infer on a frame larger than this (its logits alone take 76 bytes a pixel: 2.5 GB here)."""
 
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
             raise SegdaError(f"inference mode must be 'whole' or 'slide', got {self.mode!r}")
-        if min(*self.crop, *self.stride) < 1 or min(self.eval_size) < 8 or self.batch_size < 1:
-            raise SegdaError(f"--crop and --stride must be >= 1, --eval-size >= 8x8 and --batch-size >= 1 "
-                             f"(got crop {self.crop}, stride {self.stride}, eval size {self.eval_size}, "
-                             f"batch size {self.batch_size})")
+        if min(*self.crop, *self.eval_size) < MIN_SIDE or self.batch_size < 1 or min(self.stride) < 1:
+            raise SegdaError(f"--crop and --eval-size must be at least {MIN_SIDE}x{MIN_SIDE} (SegFormer's coarsest "
+                             f"stage is 1/32 of the input), --stride and --batch-size at least 1 (got crop {self.crop}, "
+                             f"eval size {self.eval_size}, stride {self.stride}, batch size {self.batch_size})")
+        if self.mode == "slide" and any(s > c for s, c in zip(self.stride, self.crop)):
+            raise SegdaError(f"--stride {self.stride[0]}x{self.stride[1]} is longer than --crop {self.crop[0]}x"
+                             f"{self.crop[1]}: the windows would leave pixels between them unpredicted; use a stride "
+                             "at most the crop (mmseg: two thirds of it)")
+        if self.max_pixels < 1 or self.eval_size[0] * self.eval_size[1] > self.max_pixels:
+            raise SegdaError(f"--eval-size {self.eval_size[0]}x{self.eval_size[1]} is over --max-pixels "
+                             f"{self.max_pixels}")
 
 
-def _pixels(images: torch.Tensor, model, device) -> torch.Tensor:
+MIN_SIDE = 32
+
+
+def _pixels(images: torch.Tensor, model, device, opts: InferenceOptions) -> torch.Tensor:
     # In the weights' dtype: a model DeepSpeed cast to bf16 takes bf16 pixels (autocast covers the fp32 case).
-    return normalize(images, device, next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    if opts.colour_match is None:
+        return normalize(images, device, dtype)
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in opts.colour_match)
+    rgb = reinhard(images.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255, mean, std)
+    return ((rgb - on_device(MEAN_01, device)) / on_device(STD_01, device)).to(dtype)
 
 
 def _forward(model, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -67,15 +90,20 @@ def _forward(model, pixels: torch.Tensor, flip: bool) -> torch.Tensor:
 def predict_logits(model, images: list[torch.Tensor], out_sizes: list[tuple[int, int]], opts: InferenceOptions,
                    device) -> list[torch.Tensor]:
     """Logits (19, H, W) at each requested (H, W) for uint8 (h, w, 3) frames."""
+    for image, (height, width) in zip(images, out_sizes):
+        if max(height * width, image.shape[0] * image.shape[1]) > opts.max_pixels:
+            raise SegdaError(f"a frame of {max(width, image.shape[1])}x{max(height, image.shape[0])} pixels is over "
+                             f"--max-pixels {opts.max_pixels} (its logits alone would take "
+                             f"{76 * height * width / 2 ** 30:.1f} GB): resize it, or raise --max-pixels")
     if opts.mode == "slide":
         return [_slide(model, image, size, opts, device) for image, size in zip(images, out_sizes)]
     out = []
     for i in range(0, len(images), opts.batch_size):
         chunk = images[i:i + opts.batch_size]
         if len({tuple(im.shape) for im in chunk}) > 1:  # mixed sizes: one at a time
-            logits = [_forward(model, _pixels(im[None], model, device), opts.flip)[0] for im in chunk]
+            logits = [_forward(model, _pixels(im[None], model, device, opts), opts.flip)[0] for im in chunk]
         else:
-            logits = list(_forward(model, _pixels(torch.stack(chunk), model, device), opts.flip))
+            logits = list(_forward(model, _pixels(torch.stack(chunk), model, device, opts), opts.flip))
         for logit, size in zip(logits, out_sizes[i:i + opts.batch_size]):
             out.append(F.interpolate(logit[None], size=size, mode="bilinear", align_corners=False)[0])
     return out
@@ -96,7 +124,7 @@ def _slide(model, image: torch.Tensor, size: tuple[int, int], opts: InferenceOpt
     for i in range(0, len(boxes), opts.batch_size):
         chunk = boxes[i:i + opts.batch_size]
         crops = torch.stack([image[y:y + ch, x:x + cw] for y, x in chunk])
-        logits = _forward(model, _pixels(crops, model, device), opts.flip)
+        logits = _forward(model, _pixels(crops, model, device, opts), opts.flip)
         logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)
         for (y, x), logit in zip(chunk, logits):
             total[:, y:y + ch, x:x + cw] += logit
@@ -217,19 +245,22 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
     set_main_process(accelerator.is_main_process)
     from segda.adapters import SharedBase, is_adapter
 
-    resolved = [(label, resolve_dataset(spec, allow_pipe=data_cfg.allow_pipe).require_labels("evaluation"), spec)
+    fetch = {"allow_pipe": data_cfg.allow_pipe, "timeout": data_cfg.timeout, "retries": data_cfg.retries}
+    resolved = [(label, resolve_dataset(spec, **fetch).require_labels("evaluation"), spec)
                 for label, spec in datasets]
     results = []
     shared = SharedBase(allow_base_mismatch)  # adapters of one base: the base is loaded once
-    for model_label, path in models:
+    for entry in models:  # (label, path) or (label, path, {InferenceOptions field: value} for this model only)
+        model_label, path = entry[:2]
+        model_opts = dataclasses.replace(opts, **entry[2]) if len(entry) > 2 else opts
         if is_adapter(path):
             model = shared.activate(path, base).to(accelerator.device)
         else:
             model = load_any(path, base, allow_base_mismatch).to(accelerator.device)
         for data_label, ds, spec in resolved:
             info(f"evaluating {model_label} on {data_label} ...")
-            r = evaluate_model(model, ds, data_cfg, accelerator, opts=opts, limit=limit, num_examples=num_examples,
-                               protocol=protocol)
+            r = evaluate_model(model, ds, data_cfg, accelerator, opts=model_opts, limit=limit,
+                               num_examples=num_examples, protocol=protocol)
             if r["num_samples"] == 0:
                 raise SegdaError(f"no sample of {data_label} ({spec}) could be evaluated ({r['skipped']} skipped): "
                                  "shards without labels, or every sample bad (see the warnings above)")

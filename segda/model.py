@@ -40,9 +40,11 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
     if not name_or_path:
         try:
             config = SegformerConfig(**{**(config_overrides or {}), **_label_maps()})
-        except (TypeError, ValueError) as err:
-            raise SegdaError(f"model.config is not a valid SegformerConfig: {err}") from err
-        return SegformerForSemanticSegmentation(config)
+            return SegformerForSemanticSegmentation(config)
+        except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError, AttributeError) as err:
+            raise SegdaError(f"model.config {config_overrides} does not make a SegFormer ({type(err).__name__}: "
+                             f"{err}): its lists (hidden_sizes, depths, ...) need one entry per stage (4) and positive "
+                             "sizes") from None
     if config_overrides:
         raise SegdaError("model.config applies to random init only; clear model.name_or_path or model.config")
     path = Path(name_or_path)

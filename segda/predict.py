@@ -19,17 +19,24 @@ import torch
 
 from segda import atomic
 from segda.classes import colorize, train_to_label_id_lut
-from segda.data.transforms import resize_image
+from segda.data.transforms import DecodeError, decode_image, image_size, resize_image
 from segda.evaluate import InferenceOptions, load_any, predict_logits
 from segda.log import SegdaError, info
 from segda.model import save_model
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise SegdaError(f"cannot read image {path}: missing, or not a PNG/JPEG/WebP file")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def _read_rgb(path: Path, max_pixels: int) -> np.ndarray:
+    """The image as training and evaluation see it (segda.data.transforms.decode_image: upright, EXIF applied),
+    its size checked from the header before anything is decoded."""
+    data = path.read_bytes()
+    try:
+        width, height = image_size(data)
+        if width * height > max_pixels:
+            raise SegdaError(f"{path} is {width}x{height} pixels, over --max-pixels {max_pixels}: resize it, or raise "
+                             "--max-pixels")
+        return decode_image(data)
+    except DecodeError as err:
+        raise SegdaError(f"cannot read image {path}: {err}") from None
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -91,7 +98,7 @@ def predict_files(model_path: str, images: list[str], out_dir: str | Path, opts:
             if target.resolve() in inputs:  # the mask must never replace the photo it was predicted from
                 raise SegdaError(f"writing {target} would replace an input image: choose another --out")
     for path, stem in names.items():
-        rgb = _read_rgb(path)
+        rgb = _read_rgb(path, opts.max_pixels)
         shown = resize_image(rgb, opts.eval_size) if opts.mode == "whole" else rgb
         logits = predict_logits(model, [torch.from_numpy(shown)], [rgb.shape[:2]], opts, device)[0]
         mask = logits.argmax(0).to(torch.uint8).cpu().numpy()

@@ -15,17 +15,23 @@ def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
     proc = segda("demo", "--smoke", "--processes", "2", "--out", out, timeout=600)
     report = json.loads((out / "report.json").read_text())
     pairs = {(p["model"], p["data"]) for p in report["pairs"]}
-    assert pairs == {(m, d) for m in ("source", "source+uda", "source+lora") for d in ("gta5-val", "cityscapes-val")}
+    rows = ("source", "source+colour", "source+uda-nopseudo", "source+uda", "source+lora")
+    assert pairs == {(m, d) for m in rows for d in ("gta5-val", "cityscapes-val")}
+    colour = {p["data"]: p for p in report["pairs"] if p["model"] == "source+colour"}
+    source = {p["data"]: p for p in report["pairs"] if p["model"] == "source"}
+    assert colour["cityscapes-val"]["confusion"] != source["cityscapes-val"]["confusion"], "frames were recoloured"
     extra = report["extra"]
     assert 0 < extra["adapter_bytes"] < extra["full_model_bytes"]
     assert 0 < extra["adapter_trainable_parameters"] < extra["model_parameters"]
     assert 0 < extra["uda_adapter_bytes"] < extra["full_model_bytes"]
     assert extra["processes"] == 2
-    for stage in ("source", "lora", "uda"):
+    for stage in ("source", "lora", "uda", "uda-nopseudo"):
         run = json.loads((out / "runs" / stage / "run.json").read_text())
         assert run["world_size"] == 2 and run["mixed_precision"] == "bf16"
     uda = json.loads((out / "runs" / "uda" / "run.json").read_text())
     assert uda["config"]["adapt"]["method"] == "selftrain" and uda["replicas_identical"] is True
+    nopseudo = json.loads((out / "runs" / "uda-nopseudo" / "run.json").read_text())["config"]["adapt"]
+    assert nopseudo["pseudo_loss_weight"] == 0 and uda["config"]["adapt"]["pseudo_loss_weight"] == 1
     target = json.loads(open(uda["config"]["data"]["target"]).read())
     assert target["dataset"] == "images" and target["labeled"] is False, "no target label reaches self-training"
     assert "| source+uda |" in proc.stdout and "| source+lora |" in proc.stdout and (out / "report.md").is_file()

@@ -277,7 +277,7 @@ def test_a_stalled_server_is_announced_and_its_timeout_can_be_set(tmp_path, http
 
     from segda.config import DataConfig
     from segda.data.datasets import resolve_dataset
-    from segda.data.stream import eval_loader
+    from segda.data.eval_stream import eval_loader
     from segda.log import SegdaError
 
     (http_server.root / "a.tar").write_bytes(b"\0" * 200_000)

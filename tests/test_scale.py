@@ -1,7 +1,8 @@
 """Streaming at scale: many fake ranks x workers in one process against real HTTP and S3 servers on 127.0.0.1 that
 count the requests and bytes they serve. Indexed shards (byte offsets in the manifest) must fetch only the bytes
 of planned samples, read every sample exactly once, keep batches equal per rank, and draw batches from the whole
-dataset; manifests without offsets (the baseline) keep working, and these tests show what they cost."""
+dataset. The baseline is plain webdataset (whole shards dealt to the rank x worker slots, streamed from byte 0),
+and these tests show what it costs; manifests without offsets still evaluate, and train once indexed."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import numpy as np
 import pytest
 from conftest import make_shards
 
-from segda.bench_stream import city_composition, simulate_eval, simulate_train_epoch
+from segda.bench.stream import city_composition, simulate_baseline_epoch, simulate_eval, simulate_train_epoch
 from segda.config import DataConfig
 from segda.data import plan
 from segda.data.datasets import resolve_dataset
 from segda.data.shardfiles import index_tar
 from segda.data.sources import read_range
-from segda.data.stream import training_batches
+from segda.data.stream import TrainingData, batches_per_epoch
 
 WORLD, WORKERS = 4, 3
 
@@ -64,11 +65,12 @@ def publish(folder: Path, server) -> str:
 
 
 def measure(server, base: str, folder: Path, indexed: bool) -> dict:
+    """segda (indexed manifest) or the plain-webdataset baseline (whole shards; evaluation without offsets)."""
     suffix = "" if indexed else "-no-offsets"
     train_ds = resolve_dataset(f"{base}/train-manifest{suffix}.json")
     val_ds = resolve_dataset(f"{base}/val-manifest{suffix}.json")
     server.reset_traffic()
-    epoch = simulate_train_epoch(train_ds, cfg(), WORLD, WORKERS)
+    epoch = (simulate_train_epoch if indexed else simulate_baseline_epoch)(train_ds, cfg(), WORLD, WORKERS)
     train_traffic, _ = server.traffic, server.reset_traffic()
     evaluation = simulate_eval(val_ds, cfg(), WORLD, WORKERS)
     trained = [k for b in epoch["batches"] for k in b]
@@ -82,9 +84,10 @@ def measure(server, base: str, folder: Path, indexed: bool) -> dict:
     }
 
 
-def check_exactly_once(result: dict) -> None:
+def check_exactly_once(result: dict, rest: bool = True) -> None:
+    """Every sample once (`rest`: all but the N mod W remainder, which rests this epoch); equal batches per rank."""
     trained, all_train = result["trained"], result["all_train"]
-    assert len(trained) == len(set(trained)) == len(all_train) - len(all_train) % WORLD, "every sample once"
+    assert len(trained) == len(set(trained)) == len(all_train) - (len(all_train) % WORLD if rest else 0)
     assert set(trained) <= set(all_train)
     assert len(set(result["per_rank"])) == 1, f"equal batches per rank, got {result['per_rank']}"
     assert sorted(result["evaluated"]) == sorted(result["all_val"]), "every evaluation sample exactly once"
@@ -99,11 +102,13 @@ def test_four_ranks_three_workers_fetch_only_what_they_use(city_shards, source, 
     assert ours["train_ratio"] <= 1.05 and ours["eval_ratio"] <= 1.05, ours
     # one Range request per shuffled training sample, fewer when neighbours in a shard meet in one batch
     assert 0.9 * len(ours["trained"]) <= ours["train_requests"] <= len(ours["trained"])
-    # The same shards through a manifest without offsets: still exactly once, but readers starting mid-shard
-    # stream from byte 0 (this is what the counters must see, or they count nothing).
+    # The baseline: whole shards per slot read each sample once, but 4 shards cannot give 4 ranks x 3 workers
+    # equal batches, and evaluation readers starting mid-shard stream from byte 0 (what the counters must see)
     baseline = measure(server, base, city_shards, indexed=False)
-    check_exactly_once(baseline)
-    assert baseline["train_ratio"] > 1.2 and baseline["eval_ratio"] > 1.2, baseline
+    trained = baseline["trained"]
+    assert len(trained) == len(set(trained)) == len(baseline["all_train"])
+    assert len(set(baseline["per_rank"])) > 1, baseline["per_rank"]
+    assert baseline["eval_ratio"] > 1.2, baseline
 
 
 def test_batches_are_drawn_from_the_whole_dataset(city_shards, http_server):
@@ -137,7 +142,7 @@ def test_an_epoch_interrupted_on_one_world_size_finishes_on_another_exactly_once
     end = plan.epoch_end(n, before)
     for steps in range(len(full)):
         first = [i for r in range(before) for b in plan.rank_batches(n, r, before, batch, 1, 4)[:steps] for i in b]
-        position = plan.position_after(steps - 1, len(full), batch, before, 4, 0, end) if steps else \
+        position = plan.position_after(steps - 1, len(full), batch, before, 4, 0, end).state_dict() if steps else \
             {"epoch": 4, "consumed": 0, "end": end}
         assert sorted(first) == sorted(plan.epoch_order(n, 1, 4)[:position["consumed"]].tolist())
         rest = [plan.rank_batches(n, r, after, batch, 1, 4, position["consumed"], end) for r in range(after)]
@@ -184,39 +189,35 @@ def test_range_reads_survive_faults_and_reuse_connections(city_shards, http_serv
 
 
 def test_loader_workers_live_across_epochs(city_shards):
-    def children_per_batch(manifest: str) -> list[set[int]]:
-        ds = resolve_dataset(str(city_shards / manifest))
-        batches = training_batches(ds, cfg(workers=2, batch_size=6), rank=0, world=1, seed=0)
-        seen = []
-        for batch in batches:
-            seen.append((batch["epoch"], frozenset(p.pid for p in multiprocessing.active_children())))
-            if batch["epoch"] == 2:
-                break
-        batches.close()
-        return [pids for _, pids in seen], [e for e, _ in seen]
-
-    pids, epochs = children_per_batch("train-manifest.json")
-    assert epochs[0] == 0 and epochs[-1] == 2 and len(set(pids)) == 1, "the same workers serve every epoch"
-    pids, epochs = children_per_batch("train-manifest-no-offsets.json")
-    first, last = pids[0], pids[epochs.index(2)]
-    assert first and last and first.isdisjoint(last), "the baseline starts new workers each epoch"
+    ds = resolve_dataset(str(city_shards / "train-manifest.json"))
+    data = TrainingData(ds, cfg(workers=2, batch_size=6), rank=0, world=1, seed=0)
+    seen = []
+    for batch in data:
+        seen.append((batch["epoch"], frozenset(p.pid for p in multiprocessing.active_children())))
+        if batch["epoch"] == 2:
+            break
+    data.close()
+    pids, epochs = [p for _, p in seen], [e for e, _ in seen]
+    assert epochs[0] == 0 and epochs[-1] == 2 and len(set(pids)) == 1 and pids[0], "the same workers serve every epoch"
+    assert not {p.pid for p in multiprocessing.active_children()} & pids[0], "close() stopped them"
 
 
-def test_endless_stream_equals_epoch_by_epoch_and_resumes_anywhere(city_shards):
-    from segda.data.stream import batches_per_epoch, train_loader
-
+def test_endless_stream_resumes_anywhere_from_its_state(city_shards):
     ds = resolve_dataset(str(city_shards / "train-manifest.json"))
     data_cfg = cfg(workers=2, batch_size=6)
     per_epoch = batches_per_epoch(ds, data_cfg, 2)
-    epochs = [b["key"] for e in range(2) for b in train_loader(ds, data_cfg, rank=1, world=2, seed=3, epoch=e)[0]]
-    endless = training_batches(ds, data_cfg, rank=1, world=2, seed=3)
-    assert [next(endless)["key"] for _ in range(2 * per_epoch)] == epochs
-    endless.close()
+    straight = TrainingData(ds, data_cfg, rank=1, world=2, seed=3)
+    stream, keys, states = iter(straight), [], []
+    for _ in range(2 * per_epoch):
+        keys.append(next(stream)["key"])
+        states.append(straight.state_dict())
+    straight.close()
+    assert states[per_epoch - 1] == {"epoch": 1, "consumed": 0, "end": None}
     for start in (1, per_epoch - 1, per_epoch + 1):
-        epoch, step = divmod(start, per_epoch)
-        position = {"epoch": epoch, "consumed": step * 6 * 2, "end": None}
-        resumed = training_batches(ds, data_cfg, rank=1, world=2, seed=3, position=position)
-        assert [next(resumed)["key"] for _ in range(2 * per_epoch - start)] == epochs[start:]
+        resumed = TrainingData(ds, data_cfg, rank=1, world=2, seed=3)
+        resumed.load_state_dict(states[start - 1])
+        again = iter(resumed)
+        assert [next(again)["key"] for _ in range(2 * per_epoch - start)] == keys[start:]
         resumed.close()
 
 

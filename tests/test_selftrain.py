@@ -13,8 +13,7 @@ import torch
 
 from segda.classes import IGNORE, NUM_CLASSES
 from segda.log import SegdaError
-from segda.methods.dacs import (class_mix, class_mix_mask, ema_momentum, ema_update, pseudo_labels,
-                                rare_class_probabilities, strong_photometric)
+from segda.methods.dacs import ema_momentum, ema_update, rare_class_probabilities
 
 
 def test_ema_momentum_warms_up_to_alpha():
@@ -35,59 +34,11 @@ def test_ema_update_values():
     assert torch.allclose(teacher[0], torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * 6]))
 
 
-def test_the_confidence_weight_is_each_images_share_of_confident_pixels():
-    logits = torch.zeros(2, NUM_CLASSES, 2, 2)
-    logits[0, 3] = 20.0  # image 0: every pixel confident in class 3
-    logits[1, 5, 0, 0] = 20.0  # image 1: one pixel of four confident; the rest uniform (1/19 < 0.968)
-    labels, weight = pseudo_labels(logits)
-    assert (labels[0] == 3).all() and labels[1, 0, 0] == 5
-    assert torch.equal(weight[0], torch.ones(2, 2)) and torch.allclose(weight[1], torch.full((2, 2), 0.25))
-    _, per_pixel = pseudo_labels(logits, per_pixel=True)  # FixMatch's rule: only the confident pixel counts
-    assert torch.equal(per_pixel[0], torch.ones(2, 2)) and torch.equal(per_pixel[1], torch.tensor([[1., 0], [0, 0]]))
-    probs = torch.softmax(torch.tensor([4.0] + [0.0] * 18), 0).max()  # ~0.75: below 0.968
-    assert probs < 0.968 and float(pseudo_labels(torch.tensor([4.0] + [0.0] * 18).view(1, 19, 1, 1))[1]) == 0
-
-
-def test_class_mix_takes_half_the_source_classes_and_mixes_image_label_weight_by_one_mask():
-    generator = torch.Generator().manual_seed(0)
-    source_label = torch.tensor([[0, 0, 1, 1], [2, 2, 3, IGNORE], [4, 4, 4, IGNORE]], dtype=torch.uint8)
-    for _ in range(5):
-        mask = class_mix_mask(source_label, generator)
-        chosen = set(source_label[mask].tolist())
-        assert len(chosen) == 3 and IGNORE not in chosen and chosen <= {0, 1, 2, 3, 4}  # ceil(5 / 2)
-        assert torch.equal(mask, torch.isin(source_label, torch.tensor(sorted(chosen), dtype=torch.uint8)))
-    masks = mask[None]
-    source_image, target_image = torch.full((1, 3, 3, 4), 1.0), torch.full((1, 3, 3, 4), -1.0)
-    target_label, target_weight = torch.full((1, 3, 4), 7), torch.full((1, 3, 4), 0.3)
-    image, label, weight = class_mix(masks, source_image, source_label[None], target_image, target_label,
-                                     target_weight)
-    assert torch.equal(image[:, 0] == 1.0, masks) and torch.equal(image[:, 2] == 1.0, masks)
-    assert torch.equal(label[masks], source_label[None][masks].long()) and (label[~masks] == 7).all()
-    assert (weight[masks] == 1).all() and torch.allclose(weight[~masks], torch.tensor(0.3))
-
-
-def test_strong_photometric_jitters_colours_per_image_blurs_and_is_reproducible():
-    from segda.data.transforms import MEAN, STD
-
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    colours = torch.rand(16, 3, 16, 16) * 0.6 + 0.2
-    images = (colours - mean) / std
-    a = strong_photometric(images, torch.Generator().manual_seed(1))
-    b = strong_photometric(images, torch.Generator().manual_seed(1))
-    assert a.shape == images.shape and torch.equal(a, b) and torch.isfinite(a).all()
-    out = a * std + mean
-    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6, "jittered in 0-1 colours, then normalised again"
-    ratio = out.mean(dim=(1, 2, 3)) / colours.mean(dim=(1, 2, 3))
-    assert ratio.std() > 0.02 and ((ratio > 0.7) & (ratio < 1.3)).all(), "brightness per image, within 0.8-1.2"
-    sharp = (out[..., 1:] - out[..., :-1]).abs().mean(dim=(1, 2, 3)) / (colours[..., 1:] - colours[..., :-1]).abs().mean()
-    assert (sharp < 0.75).any() and (sharp > 0.75).any(), "some images blurred, some not"
-
-
 def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_statistics():
     """Luma and chroma of source i take target i's mean and spread: a vivid bright frame becomes as dark and dull
     as its camera frame (and not as the other one), keeping its own layout."""
     from segda.data.transforms import MEAN, STD
-    from segda.methods.dacs import _TO_YCC, match_colours
+    from segda.methods.photometric import TO_YCC as _TO_YCC, match_colours
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(0)
@@ -113,7 +64,7 @@ def test_colour_transfer_gives_each_source_image_its_paired_targets_colour_stati
 
 def test_colour_transfer_stays_in_range_keeps_a_flat_targets_source_visible_and_keeps_the_dtype():
     from segda.data.transforms import MEAN, STD
-    from segda.methods.dacs import SPREAD_RATIO, _TO_YCC, match_colours
+    from segda.methods.photometric import SPREAD_RATIO, TO_YCC as _TO_YCC, match_colours
 
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     g = torch.Generator().manual_seed(1)
@@ -557,7 +508,7 @@ def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
         label = torch.randint(0, 5, (n, 32, 32), generator=g).to(torch.uint8) if labelled else \
             torch.full((n, 32, 32), IGNORE, dtype=torch.uint8)
         return {"image": torch.randint(0, 255, (n, 32, 32, 3), generator=g).to(torch.uint8), "label": label,
-                "key": [f"k{i}" for i in range(n)]}
+                "key": [f"k{i}" for i in range(n)], "valid": torch.tensor([[32, 0, 32]] * n)}
 
     batch = {"source": side(n_source, True), "target": side(n_target, False)}
     ctx = StepContext(torch.device("cpu"), model, lambda images: normalize(images, "cpu"), nullcontext, 0, 0, 0)
@@ -566,7 +517,7 @@ def test_selftraining_loss_pairs_batches_of_different_lengths(sizes):
     loss = method.loss(method.to_device(batch, ctx),
                        lambda pixel_values: seen.append(pixel_values.shape[0]) or model(pixel_values=pixel_values),
                        ctx)
-    assert seen == [n_source + n_target] and torch.isfinite(loss)
+    assert seen == [n_source, n_target] and torch.isfinite(loss), "source and mixed crops: two forwards"
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
@@ -582,7 +533,7 @@ def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_cr
     from segda.data.transforms import MEAN, STD
     from segda.methods import SelfTraining, StepContext
     from segda.model import normalize
-    from segda.methods.dacs import _TO_YCC
+    from segda.methods.photometric import TO_YCC as _TO_YCC
 
     n_source, n_target = sizes
     g = torch.Generator().manual_seed(0)
@@ -592,7 +543,7 @@ def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_cr
     tints = torch.tensor([[60.0, 40.0, 20.0], [20.0, 90.0, 60.0], [150.0, 120.0, 140.0]])[:n_target]
     target_images = (tints.view(-1, 1, 1, 3) + 40 * torch.rand(n_target, 32, 32, 3, generator=g)).to(torch.uint8)
     target = {"image": target_images, "label": torch.full((n_target, 32, 32), IGNORE, dtype=torch.uint8),
-              "key": [f"t{i}" for i in range(n_target)]}
+              "key": [f"t{i}" for i in range(n_target)], "valid": torch.tensor([[32, 0, 32]] * n_target)}
 
     def student_inputs(colour_transfer: bool) -> torch.Tensor:
         cfg = Config()
@@ -603,20 +554,20 @@ def test_with_colour_transfer_the_student_learns_source_crops_in_their_target_cr
         method.bind(model)
         method.loss(method.to_device({"source": source, "target": target}, ctx),
                     lambda pixel_values: seen.append(pixel_values) or model(pixel_values=pixel_values), ctx)
-        return seen[0]
+        return seen  # the source crops, then the mixed ones
 
-    plain, recoloured = student_inputs(False), student_inputs(True)
-    assert torch.equal(plain[:n_source], normalize(source["image"], "cpu")), "without the flag: untouched"
+    (plain, plain_mixed), (recoloured, recoloured_mixed) = student_inputs(False), student_inputs(True)
+    assert torch.equal(plain, normalize(source["image"], "cpu")), "without the flag: untouched"
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
 
     def ycc_stats(x):
         ycc = torch.einsum("ij,bjhw->bihw", _TO_YCC, x)
         return torch.cat([ycc.mean(dim=(2, 3)), ycc.std(dim=(2, 3))], dim=1)
 
-    learnt = ycc_stats(recoloured[:n_source] * std + mean)
+    learnt = ycc_stats(recoloured * std + mean)
     paired = ycc_stats(target_images.permute(0, 3, 1, 2).float() / 255)[torch.arange(n_source) % n_target]
     assert torch.allclose(learnt, paired, atol=0.01), (learnt, paired)
-    assert not torch.allclose(plain[n_source:], recoloured[n_source:]), "the pasted source pixels kept their colours"
+    assert not torch.allclose(plain_mixed, recoloured_mixed), "the pasted source pixels kept their colours"
 
 
 def test_rare_class_draws_follow_each_ranks_positions_on_resume(gta5_manifest):

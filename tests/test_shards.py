@@ -282,7 +282,7 @@ def test_two_workers_give_the_same_bytes(gta5_root, gta5_shards, tmp_path):
 
 def test_interrupted_run_leaves_no_half_shard_and_resumes(gta5_root, gta5_shards, tmp_path, monkeypatch, capsys):
     baseline, manifest = gta5_shards
-    real_write_shard, real_fsync = writer._write_shard, atomic._fsync
+    real_write_shard, real_fsync = writer._write_shard, atomic._fsync_file
 
     def crash_on_third(out, parts, split, index, *rest):
         if index == 2:
@@ -291,14 +291,14 @@ def test_interrupted_run_leaves_no_half_shard_and_resumes(gta5_root, gta5_shards
                 assert atomic.TMP_MARK in str(path)
                 assert path.read_bytes()[:5] and not (out / "train-000002.tar").exists()
                 raise OSError("simulated: disk went away")
-            monkeypatch.setattr(atomic, "_fsync", disk_error)
+            monkeypatch.setattr(atomic, "_fsync_file", disk_error)
         return real_write_shard(out, parts, split, index, *rest)
 
     monkeypatch.setattr(writer, "_write_shard", crash_on_third)
     with pytest.raises(OSError, match="simulated"):
         _run("gta5", gta5_root, tmp_path, workers=2)
     monkeypatch.setattr(writer, "_write_shard", real_write_shard)
-    monkeypatch.setattr(atomic, "_fsync", real_fsync)
+    monkeypatch.setattr(atomic, "_fsync_file", real_fsync)
 
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     for tar in tmp_path.glob("*.tar"):

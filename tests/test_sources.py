@@ -78,9 +78,13 @@ def test_join_url_for_each_kind():
     assert join_url("s3://bkt/gta5/m.json", "train-0.tar") == "s3://bkt/gta5/train-0.tar"
     assert join_url("s3://bkt/m.json", "sub/../a.tar") == "s3://bkt/a.tar"
     assert join_url("s3://bkt/gta5/m.json", "https://cdn/a.tar") == "https://cdn/a.tar"  # absolute wins
-    assert join_url("http://h/m.json", "/abs/a.tar") == "/abs/a.tar"
+    assert join_url("http://h/d/m.json", "/abs/a.tar") == "http://h/abs/a.tar"  # a path on the manifest's host
+    assert join_url("/data/m.json", "/abs/a.tar") == "/abs/a.tar"
     with pytest.raises(SegdaError, match="leaves bucket"):
         join_url("s3://bkt/m.json", "../a.tar")
+    for local in ("file:///etc/passwd", "/etc/passwd", "pipe:cat /etc/passwd"):  # a remote manifest never reaches
+        with pytest.raises(SegdaError, match="never local files"):              # this machine's files
+            join_url("s3://bkt/m.json" if local[0] == "/" else "https://h/m.json", local)
 
 
 def test_unknown_scheme_lists_supported():
@@ -224,10 +228,10 @@ def test_s3_endpoint_url_s3_wins_over_generic(s3_server, tmp_path, monkeypatch):
 
 
 def test_s3_client_cached_per_process(s3_server, monkeypatch):
-    client = sources._s3_client(5.0)
-    assert sources._s3_client(5.0) is client
+    client = sources.s3.client(5.0)
+    assert sources.s3.client(5.0) is client
     monkeypatch.setattr(sources.os, "getpid", lambda: -1)  # what a forked worker sees
-    assert sources._s3_client(5.0) is not client
+    assert sources.s3.client(5.0) is not client
 
 
 # --- pipe: ---

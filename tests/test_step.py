@@ -129,6 +129,7 @@ def test_log_lines_report_the_loss_and_the_data_wait(tmp_path, gta5_manifest):
 
 def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, monkeypatch):
     import segda.train as segda_train
+    import segda.train.setup as setup
     from segda.model import normalize
 
     seen = []
@@ -138,7 +139,7 @@ def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, mon
         seen.append(pixels.is_contiguous(memory_format=torch.channels_last))
         return pixels
 
-    monkeypatch.setattr(segda_train, "normalize", spy)
+    monkeypatch.setattr(setup, "normalize", spy)
     segda_train.train("pretrain", _config(gta5_manifest, "train.max_steps=2", "train.channels_last=true"),
                       tmp_path / "r")
     assert seen and all(seen)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,21 +69,37 @@ class Dataset:
         return self
 
 
-def resolve_dataset(spec: str, *, allow_pipe: bool = False) -> Dataset:
+def resolve_dataset(spec: str, *, allow_pipe: bool = False, timeout: float = 30.0, retries: int = 5) -> Dataset:
+    """The dataset a manifest or shard pattern names. A manifest is recognised by its name (.json, query string
+    aside) or, for a single URL whose name does not say (not .tar), by its first byte; `timeout` and `retries` are
+    data.timeout and data.retries."""
     if not spec:
         raise SegdaError("no dataset given: set data.train / data.val (a manifest or a shard URL pattern)")
-    if spec.endswith(".json"):
-        return _from_manifest(spec, allow_pipe)
+    fetch = {"allow_pipe": allow_pipe, "timeout": timeout, "retries": retries}
+    if urllib.parse.urlsplit(spec.strip()).path.endswith(".json"):
+        return _from_manifest(spec, fetch)
     urls = expand_urls(spec)
-    if not urls:
-        raise SegdaError(f"the shard pattern {spec!r} expands to no URL")
+    unnamed = not urllib.parse.urlsplit(urls[0]).path.endswith(".tar")  # a presigned or extension-less URL
+    if len(urls) == 1 and unnamed and url_scheme(spec) != "pipe" and _starts_like_json(urls[0], fetch):
+        return _from_manifest(urls[0], fetch)
+    if len(set(urls)) != len(urls):
+        raise SegdaError(f"the shard pattern {spec!r} names a shard more than once: each sample would count twice")
     return Dataset(spec, [Shard(u) for u in urls])
 
 
-def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
+def _starts_like_json(url: str, fetch: dict) -> bool:
+    """A tar starts with a member name; a manifest with "{": one small read tells them apart."""
     try:
-        manifest = json.loads(read_bytes(spec, allow_pipe=allow_pipe))
-    except ValueError as err:
+        with open_url(url, **fetch) as f:
+            return f.read(64).lstrip()[:1] == b"{"
+    except SegdaError:
+        return False  # reported properly where the shard is read
+
+
+def _from_manifest(spec: str, fetch: dict) -> Dataset:
+    try:
+        manifest = json.loads(read_bytes(spec, **fetch))
+    except (ValueError, RecursionError) as err:
         raise SegdaError(f"{spec} is not a JSON manifest ({err}); was it written by `segda shards`?") from err
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise SegdaError(f"{spec} has no 'shards' list: is it a segda manifest (written by `segda shards`)?")
@@ -92,12 +109,28 @@ def _from_manifest(spec: str, allow_pipe: bool) -> Dataset:
         raise SegdaError(f"{spec}: {err}; re-create the shards with `segda shards` (or fix the manifest)") from None
     if not shards:
         raise SegdaError(f"{spec} lists no shards")
+    _refuse_repeats(spec, shards)
     ds = Dataset(spec, shards, manifest)
     if not ds.indexed:
         warn(f"{spec} has no per-sample byte offsets (written by segda < 0.2): training indexes local shards at "
              "each start and refuses remote ones, and evaluation streams whole shards. Store them once with "
              f"`segda index {spec}`, or re-run `segda shards`")
     return ds
+
+
+def _refuse_repeats(spec: str, shards: list[Shard]) -> None:
+    """A shard listed twice, or a sample key in two places, would be trained on and scored twice."""
+    urls = [s.url for s in shards]
+    if len(set(urls)) != len(urls):
+        twice = next(u for u in urls if urls.count(u) > 1)
+        raise SegdaError(f"{spec} lists the shard {twice} more than once: each sample would count twice; fix the "
+                         "manifest or re-create the shards with `segda shards`")
+    keys = [k for s in shards if s.samples for k, _, _ in s.samples]
+    if len(set(keys)) != len(keys):
+        seen = set()
+        twice = next(k for k in keys if k in seen or seen.add(k))
+        raise SegdaError(f"{spec} lists the sample {twice!r} more than once: fix the manifest or re-create the "
+                         "shards with `segda shards`")
 
 
 class _BadField(ValueError):

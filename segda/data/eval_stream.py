@@ -111,4 +111,4 @@ def eval_loader(ds: Dataset, cfg: DataConfig, *, rank: int, world: int, batch_si
         warn(f"data.verify is on but {ds.spec} carries no sha256 to check against: name the dataset by its "
              "manifest to verify shards")
     stream = EvalStream(ds, cfg, rank=rank, world=world, batch_size=batch_size, resize=resize, limit=limit)
-    return make_loader(stream, cfg.workers, pin_memory)
+    return make_loader(stream, cfg.workers, pin_memory, cfg.threads)

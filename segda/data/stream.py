@@ -188,7 +188,7 @@ class TrainingData:
     def __iter__(self) -> Iterator[dict]:
         stream = TrainStream(self.ds, self.cfg, rank=self.rank, world=self.world, seed=self.seed,
                              position=self.position, order_of=self.order_of)
-        self._loader_iter = loader_iter = iter(make_loader(stream, self.cfg.workers, self.pin_memory))
+        self._loader_iter = loader_iter = iter(make_loader(stream, self.cfg.workers, self.pin_memory, self.cfg.threads))
         for batch in loader_iter:
             self.position = batch.pop("position")
             yield batch

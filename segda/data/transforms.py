@@ -7,6 +7,9 @@ only the crop, ~5x cheaper than resizing the whole 2-megapixel frame and then cr
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import cv2
 import numpy as np
 
@@ -22,8 +25,68 @@ class DecodeError(Exception):
     """A member of a sample could not be decoded; the message says which."""
 
 
+MAX_IMAGE_PIXELS = 64 << 20
+"""No image or label larger than this (67 megapixels; a Cityscapes frame has 2) is decoded: its header is read
+first, so a small file declaring a huge image costs nothing (segda's one image policy: `image_size`)."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes as segda shows them, upright: EXIF orientation applied (a JPEG
+    whose camera was turned is stored sideways with a tag saying so; OpenCV's decoder and segda's creator turn it).
+    Read from the header alone; DecodeError for bytes that are no image or an image over MAX_IMAGE_PIXELS."""
+    from PIL import Image, UnidentifiedImageError
+
+    if codec.is_pxz(data):
+        try:
+            width, height = codec.size(data)
+        except codec.PxzError as err:
+            raise DecodeError(str(err)) from None
+    else:
+        try:
+            with _unlimited_header(), Image.open(io.BytesIO(data)) as im:  # the size limit is ours, below
+                (width, height), turned = im.size, exif_orientation(im) in (5, 6, 7, 8)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise DecodeError(f"not a readable image ({type(err).__name__})") from None
+        if turned:
+            width, height = height, width
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DecodeError(f"image of {width}x{height} pixels: more than the {MAX_IMAGE_PIXELS >> 20} megapixels segda "
+                          "decodes")
+    return width, height
+
+
+@contextlib.contextmanager
+def _unlimited_header():
+    """PIL refuses to even name the size of a header over its own limit; segda reads the size and applies its own."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def exif_orientation(im) -> int:
+    """The EXIF orientation tag (1-8; 1: upright) of an open PIL image, 1 when it has none."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # a broken EXIF block is no orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Pixels decoded as stored, turned as their EXIF orientation (1-8) says they are to be seen."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+           7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: a.swapaxes(0, 1)[::-1]}
+    return np.ascontiguousarray(ops[orientation](pixels)) if orientation in ops else pixels
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded PXZ/PNG/JPEG/WebP/BMP bytes -> (H, W, 3) RGB uint8."""
+    """Encoded PXZ/PNG/JPEG/WebP/BMP bytes -> (H, W, 3) RGB uint8, upright (EXIF applied), size checked first."""
+    image_size(data)
     if codec.is_pxz(data):
         try:
             pixels = codec.decode(data)
@@ -38,6 +101,7 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def decode_label(data: bytes) -> np.ndarray:
     """Single-channel train-id PNG -> (H, W) uint8, read as raw indices (never through an RGB decoder)."""
+    image_size(data)
     label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DecodeError("label bytes could not be decoded")

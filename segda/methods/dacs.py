@@ -1,15 +1,15 @@
-"""The pieces of LoRA self-training (DACS / DAFormer style), each small and testable on its own.
+"""The pieces of LoRA self-training (DACS / DAFormer), each small and testable on its own.
 
     momentum = ema_momentum(step)                      # warm-up: min(1 - 1/(t+1), alpha)
     ema_update(teacher_tensors, student_tensors, momentum)
-    labels, weight = pseudo_labels(teacher_logits)     # confidence weight per image (share of pixels >= 0.968)
-    mask = class_mix_mask(source_label, generator)     # half of the source frame's classes
-    image, label, weight = class_mix(mask, source_image, source_label, target_image, labels, weight)
+    labels, weight = pseudo_labels(teacher_logits, valid, mode="batch")   # DAFormer: one confidence per batch
+    masks = class_mix_masks(source_labels, generator)  # half of each source crop's classes
+    image, label, weight = class_mix(masks, source_image, source_label, target_image, labels, weight)
     probabilities = rare_class_probabilities(class_pixels)   # P(c) ~ exp((1 - f_c) / T)
 
-Everything but the ClassMix mask runs on the device the batch is on and none of it waits for the device (no
-.item(), no data-dependent shapes in the mixing); the mask is drawn from the CPU labels. `segda.methods.SelfTraining`
-puts the pieces together for `segda adapt` with adapt.method=selftrain.
+Everything runs on the device the batch is on and none of it waits for the device (no .item(), no boolean
+indexing, no data-dependent shapes). The colour operations are in `segda.methods.photometric`;
+`segda.methods.selftrain.SelfTraining` puts the pieces together for `segda adapt` with adapt.method=selftrain.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segda.classes import IGNORE, NUM_CLASSES
-from segda.model import MEAN_01, STD_01, on_device
+from segda.classes import NUM_CLASSES
 
 ALPHA = 0.999
 """DAFormer's EMA momentum of the teacher."""
@@ -47,27 +46,59 @@ def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentu
     torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
 
+PSEUDO_WEIGHTS = ("batch", "image", "pixel")
+"""How a pseudo-label counts: `batch`, every target pixel weighs the batch's share of confident pixels (DAFormer:
+one scalar per batch); `image`, its own image's share; `pixel`, 1 if the teacher is confident of it, else 0
+(FixMatch's rule)."""
+
+
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, threshold: float = THRESHOLD, per_pixel: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher logits (B, C, H, W) -> (labels (B, H, W) int64, weight (B, H, W) float): every pixel of an image
-    weighs the share of that image's pixels whose top softmax probability is >= threshold (DAFormer); `per_pixel`:
-    a pixel weighs 1 when its own top probability reaches the threshold, else 0 (FixMatch's rule)."""
+def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor | None = None, threshold: float = THRESHOLD,
+                  mode: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher logits (B, C, H, W) -> (labels (B, H, W) int64, weight (B, H, W) float). A pixel is confident when
+    its top softmax probability is >= threshold; `mode` (PSEUDO_WEIGHTS) turns that into weights. `valid` (B, H, W)
+    bool: the pixels that may be pseudo-labelled (not padding, not the rows adapt.pseudo_ignore_top/bottom
+    exclude); the others weigh 0 and the shares count only valid pixels."""
+    if mode not in PSEUDO_WEIGHTS:
+        raise ValueError(f"pseudo-label weight mode must be one of {PSEUDO_WEIGHTS}, got {mode!r}")
     confidence, labels = F.softmax(logits.float(), dim=1).max(dim=1)
-    confident = (confidence >= threshold).float()
-    if per_pixel:
+    valid = torch.ones_like(confidence, dtype=torch.bool) if valid is None else valid
+    confident = ((confidence >= threshold) & valid).float()
+    if mode == "pixel":
         return labels, confident
-    share = confident.mean(dim=(1, 2))
-    return labels, share[:, None, None].expand_as(confidence).contiguous()
+    dims = (0, 1, 2) if mode == "batch" else (1, 2)
+    share = confident.sum(dim=dims, keepdim=True) / valid.float().sum(dim=dims, keepdim=True).clamp(min=1)
+    return labels, torch.where(valid, share.expand_as(confidence), torch.zeros_like(confidence))
 
 
-def class_mix_mask(source_label: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """(H, W) source train ids -> bool mask of the pixels of half its classes (DACS: ceil(n/2) of the n classes
-    present, IGNORE never chosen), drawn with `generator`. Runs on the CPU batch, where `unique` costs no sync."""
-    classes = torch.unique(source_label)
-    classes = classes[classes != IGNORE]
-    chosen = classes[torch.randperm(len(classes), generator=generator)[:(len(classes) + 1) // 2]]
-    return torch.isin(source_label, chosen)
+def valid_pixels(valid: torch.Tensor, height: int, width: int, ignore_top: int = 0, ignore_bottom: int = 0
+                 ) -> torch.Tensor:
+    """The crops' pixels that may be pseudo-labelled, (B, H, W) bool, from the loader's `valid` (B, 3): (rows,
+    first column, end column) holding the frame. Padding never is; nor are the first `ignore_top` and last
+    `ignore_bottom` rows of each crop (DAFormer's pseudo-label crop: Cityscapes' top rows and car hood)."""
+    rows = torch.arange(height, device=valid.device)[None, :, None]
+    cols = torch.arange(width, device=valid.device)[None, None, :]
+    frame = (rows < valid[:, 0, None, None]) & (cols >= valid[:, 1, None, None]) & (cols < valid[:, 2, None, None])
+    kept = (rows >= ignore_top) & (rows < height - ignore_bottom)
+    return frame & kept
+
+
+def class_mix_masks(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(B, H, W) source train ids -> (B, H, W) bool masks of the pixels of half of each crop's classes (DACS:
+    ceil(n/2) of the n classes present, IGNORE never chosen), on the labels' device without waiting for it: each
+    class present gets a random key, and the classes whose key ranks in the first half of the present ones are
+    pasted. `generator` lives on the labels' device."""
+    b = labels.shape[0]
+    ids = labels.long().reshape(b, -1).clamp(max=NUM_CLASSES)  # IGNORE (and any id past the classes) -> slot 19
+    present = torch.zeros(b, NUM_CLASSES + 1, dtype=torch.bool, device=labels.device)
+    present.scatter_(1, ids, True)
+    present[:, NUM_CLASSES] = False
+    keys = torch.rand(b, NUM_CLASSES + 1, generator=generator, device=labels.device)
+    keys = torch.where(present, keys, torch.full_like(keys, 2.0))  # absent classes rank last
+    rank = keys.argsort(dim=1).argsort(dim=1)
+    wanted = (present.sum(dim=1, keepdim=True) + 1) // 2
+    chosen = present & (rank < wanted)
+    return torch.gather(chosen, 1, ids).reshape(labels.shape)
 
 
 def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torch.Tensor,
@@ -79,75 +110,6 @@ def class_mix(mask: torch.Tensor, source_image: torch.Tensor, source_label: torc
     label = torch.where(mask, source_label.long(), target_label.long())
     weight = torch.where(mask, torch.ones_like(target_weight), target_weight)
     return image, label, weight
-
-
-# RGB (0-1) -> luma and two colour-difference axes (BT.601 YCbCr without offsets): a space where the camera's
-# brightness, contrast and saturation are each one channel's mean or spread, so per-channel statistics carry them
-_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_FROM_YCC = torch.linalg.inv(_TO_YCC)  # here, once: linalg.inv on a GPU syncs to check its result
-SPREAD_RATIO = (0.25, 4.0)
-"""match_colours scales a channel's spread by the target's / the source's, within these bounds: a flat target crop
-(sky, padding) must not flatten a labelled source crop into one colour."""
-
-
-def match_colours(source: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Source images recoloured with the colour statistics of the target images they are paired with (Reinhard et
-    al.'s transfer, in YCbCr): each channel of source i takes target i's mean and (within SPREAD_RATIO of its own)
-    spread, so a labelled game frame comes out as dark, dull or tinted as the camera frame. Both (B, 3, H, W)
-    normalised, on one device; the result is clamped to the 0-1 colours, normalised again, in the source's dtype
-    and memory format. Nothing in it reads a device value (not measured on a GPU yet)."""
-    if source.shape[0] != target.shape[0]:
-        raise ValueError(f"match_colours pairs images one to one: {source.shape[0]} source, {target.shape[0]} target")
-    mean, std = on_device(MEAN_01, source.device), on_device(STD_01, source.device)
-    to_ycc, from_ycc = on_device(_TO_YCC, source.device), on_device(_FROM_YCC, source.device)
-    s = torch.einsum("ij,bjhw->bihw", to_ycc, source.float() * std + mean)
-    t = torch.einsum("ij,bjhw->bihw", to_ycc, target.float() * std + mean)
-    s_mean, s_std = s.mean(dim=(2, 3), keepdim=True), s.std(dim=(2, 3), keepdim=True)
-    t_mean, t_std = t.mean(dim=(2, 3), keepdim=True), t.std(dim=(2, 3), keepdim=True)
-    scale = (t_std / (s_std + eps)).clamp(*SPREAD_RATIO)
-    rgb = torch.einsum("ij,bjhw->bihw", from_ycc, (s - s_mean) * scale + t_mean).clamp(0, 1)
-    out = ((rgb - mean) / std).to(source.dtype)
-    if source.dim() == 4 and source.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
-def strong_photometric(images: torch.Tensor, generator: torch.Generator, blur_p: float = 0.5) -> torch.Tensor:
-    """DACS' strong augmentation of the mixed images, on their device: colour jitter of the 0-1 colours
-    (brightness, contrast and saturation, strength 0.2 as DACS) and, with probability `blur_p` per image, a Gaussian
-    blur (sigma 0.15-1.15, one per batch: it sets the kernel's size). `images` are normalised (B, 3, H, W): they are
-    jittered in colour space and normalised again. `generator` is a CPU generator: on a GPU the per-image draws
-    come from a device generator it seeds, so no draw is copied to the device (no sync)."""
-    b = images.shape[0]
-    device = images.device
-    draws_from = generator
-    if device.type != "cpu":
-        draws_from = torch.Generator(device=device)
-        draws_from.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
-
-    def draw(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(b, 1, 1, 1, generator=draws_from, device=device)
-
-    mean, std = on_device(MEAN_01, device), on_device(STD_01, device)
-    out = images * std + mean  # 0-1 colours
-    out = out * draw(0.8, 1.2)  # brightness
-    grey = out.mean(dim=(1, 2, 3), keepdim=True)
-    out = (out - grey) * draw(0.8, 1.2) + grey  # contrast
-    grey = (0.299 * out[:, :1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:])
-    out = (out - grey) * draw(0.8, 1.2) + grey  # saturation
-    out = (out.clamp(0, 1) - mean) / std
-    blur = torch.rand(b, generator=draws_from, device=device) < blur_p
-    sigma = float(0.15 + torch.rand(1, generator=generator))  # the host's generator: reading it never syncs
-    radius = max(1, int(round(2 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=device)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    channels = out.shape[1]
-    blurred = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"),
-                       kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, radius, radius), mode="reflect"),
-                       kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
-    return torch.where(blur[:, None, None, None], blurred, out)
 
 
 def rare_class_probabilities(class_pixels, temperature: float = TEMPERATURE) -> np.ndarray:

@@ -2,9 +2,12 @@
 
 Teacher: the same base with an exponential moving average of the adapter's trainable tensors; no second model.
 Its values are swapped into the module for the teacher's forward and swapped back, which costs two copies of the
-adapter (~150k numbers) per step. Each step the teacher labels the B target crops (a forward without gradients),
-then the student learns from B labelled source crops (cross-entropy) and the B target crops with half of a source
-crop's classes pasted in (ClassMix), strongly jittered and blurred, weighted by the teacher's confidence.
+adapter (~150k numbers) per step. Each step the teacher labels the B target crops (a forward without gradients,
+BatchNorm on the target batch's own statistics as DAFormer's teacher in train mode), then the student learns from
+the B labelled source crops (cross-entropy) and, in a second forward, the B target crops with half of a source
+crop's classes pasted in (ClassMix), jittered and blurred (DAFormer's strong augmentation), the pseudo-labels
+weighted by the teacher's confidence over the batch, never on padding or the crop's top and bottom rows.
+Each of these choices is an adapt.* key (segda.config.AdaptConfig), DAFormer's being the default.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch.nn.functional as F
 from segda.classes import IGNORE
 from segda.data.stream import PairedData, TrainingData
 from segda.log import SegdaError
-from segda.methods import dacs
+from segda.methods import dacs, photometric
 from segda.methods.context import StepContext
 from segda.model import segmentation_loss
 
@@ -69,8 +72,10 @@ class SelfTraining:
         return self.teacher
 
     @contextmanager
-    def teacher_weights(self, module):
-        """The module with the teacher's values in place of the student's, in eval mode; restored on exit."""
+    def teacher_weights(self, module, norm_stats: str = "running"):
+        """The module with the teacher's values in place of the student's, in eval mode (no dropout); restored on
+        exit. norm_stats="batch": its BatchNorm layers normalise with the batch's own statistics, as in train mode,
+        without updating the running ones (the student's)."""
         live = self.live
         teacher = self._ensure_teacher()
         saved = [t.detach().clone() for t in live]
@@ -78,11 +83,19 @@ class SelfTraining:
         with torch.no_grad():
             torch._foreach_copy_(live, [t.to(x.dtype) for t, x in zip(teacher, live)])
         module.eval()
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] \
+            if norm_stats == "batch" else []
+        stats = [(m.running_mean, m.running_var, m.num_batches_tracked) for m in norms]
+        for m in norms:  # train mode without running statistics: normalise by the batch, update nothing
+            m.train()
+            m.running_mean = m.running_var = m.num_batches_tracked = None
         try:
             yield module
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(live, saved)
+            for m, (running_mean, running_var, tracked) in zip(norms, stats):
+                m.running_mean, m.running_var, m.num_batches_tracked = running_mean, running_var, tracked
             for m, mode in zip(module.modules(), modes):
                 m.training = mode
 
@@ -124,49 +137,63 @@ class SelfTraining:
 
     # ---- the step ------------------------------------------------------------------------------------------
     def to_device(self, batch: dict, ctx: StepContext) -> dict:
+        """The host's part of the step: copies to the device and the step's random generator; nothing else."""
         source, target = batch["source"], batch["target"]
         generator = torch.Generator().manual_seed(int(np.random.default_rng(
             [ctx.seed, ctx.rank, ctx.step, self.micro, 0x5E1F]).integers(2 ** 62)))
         self.micro += 1
-        # ClassMix masks from the CPU labels: `unique` on the host costs no device sync
-        # Target crop i gets source crop i's classes; an epoch's last batch of one side may be shorter (cycle it)
-        pair = [i % len(source["key"]) for i in range(len(target["key"]))]
-        masks = torch.stack([dacs.class_mix_mask(source["label"][i], generator) for i in pair])
-        if ctx.device.type == "cuda":
-            masks = masks.pin_memory()  # a pageable host copy would block the host until the device catches up
         return {"source": ctx.pixels(source["image"]), "target": ctx.pixels(target["image"]),
-                "labels": source["label"].to(ctx.device, non_blocking=True), "pair": pair,
-                "masks": masks.to(ctx.device, non_blocking=True), "generator": generator,
+                "labels": source["label"].to(ctx.device, non_blocking=True),
+                "valid": target["valid"].to(ctx.device, non_blocking=True), "generator": generator,
                 "crops": len(source["key"])}
 
     def crops(self, inputs: dict) -> int:
         return inputs["crops"]
 
     def loss(self, inputs: dict, student, ctx: StepContext) -> torch.Tensor:
+        a = self.cfg.adapt
         source_pixels, target_pixels, source_labels = inputs["source"], inputs["target"], inputs["labels"]
-        b, pair = source_pixels.shape[0], inputs["pair"]
-        with torch.no_grad(), self.teacher_weights(ctx.module) as teacher, ctx.autocast():
-            teacher_logits = teacher(pixel_values=target_pixels).logits
-        teacher_logits = F.interpolate(teacher_logits.float(), size=target_pixels.shape[-2:], mode="bilinear",
-                                       align_corners=False)
-        pseudo, weight = dacs.pseudo_labels(teacher_logits, self.threshold,
-                                            per_pixel=self.cfg.adapt.pseudo_weight == "pixel")
-        # Source crop i takes the colours of target crop i (i mod the target's length when the source's batch is
-        # longer), the crop it is mixed into; a longer target batch mixes source crop i mod B into its extra crops
-        if self.cfg.adapt.colour_transfer:
-            looks = target_pixels
-            if target_pixels.shape[0] != b:
-                looks = target_pixels[torch.arange(b, device=ctx.device) % target_pixels.shape[0]]
-            source_pixels = dacs.match_colours(source_pixels, looks)
+        b, n_target = source_pixels.shape[0], target_pixels.shape[0]
+        generator = inputs["generator"]
+        device_draws = generator
+        if ctx.device.type != "cpu":  # per-crop draws on the device, seeded from the host's (no copy, no sync)
+            device_draws = torch.Generator(device=ctx.device)
+            device_draws.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
+        if a.colour_transfer:  # source crop i takes the colours of the target crop it is mixed into
+            looks = target_pixels if n_target == b else target_pixels[torch.arange(b, device=ctx.device) % n_target]
+            source_pixels = photometric.match_colours(source_pixels, looks)
+        # target crop i is mixed with source crop i (i mod B: an epoch's last batch of one side may be shorter)
         pasted_pixels, pasted_labels = source_pixels, source_labels
-        if pair != list(range(b)):  # an index made on the device: no blocking copy
-            index = torch.arange(len(pair), device=ctx.device) % b
+        if n_target != b:  # an index made on the device: no blocking copy
+            index = torch.arange(n_target, device=ctx.device) % b
             pasted_pixels, pasted_labels = source_pixels[index], source_labels[index]
-        mixed, mixed_labels, mixed_weight = dacs.class_mix(inputs["masks"], pasted_pixels, pasted_labels,
-                                                           target_pixels, pseudo, weight)
-        mixed = dacs.strong_photometric(mixed.float(), inputs["generator"]).to(source_pixels.dtype)
-        logits = student(pixel_values=torch.cat([source_pixels, mixed])).logits
-        return segmentation_loss(logits[:b], source_labels) + weighted_loss(logits[b:], mixed_labels, mixed_weight)
+        masks = dacs.class_mix_masks(pasted_labels, device_draws)
+        pseudo, weight = self._pseudo_labels(target_pixels, inputs["valid"], ctx)
+        mixed, mixed_labels, mixed_weight = dacs.class_mix(masks, pasted_pixels, pasted_labels, target_pixels,
+                                                           pseudo, weight)
+        mixed = photometric.strong_photometric(mixed, generator)
+        if a.student_forward == "joint":
+            logits = student(pixel_values=torch.cat([source_pixels, mixed])).logits
+            source_logits, mixed_logits = logits[:b], logits[b:]
+        else:
+            source_logits = student(pixel_values=source_pixels).logits
+            mixed_logits = student(pixel_values=mixed).logits
+        return segmentation_loss(source_logits, source_labels) + weighted_loss(mixed_logits, mixed_labels,
+                                                                              mixed_weight)
+
+    def _pseudo_labels(self, target_pixels: torch.Tensor, valid: torch.Tensor, ctx: StepContext):
+        """The teacher's labels of the target crops and their weights (pseudo_loss_weight 0: never asked)."""
+        a = self.cfg.adapt
+        height, width = target_pixels.shape[-2:]
+        if a.pseudo_loss_weight == 0:
+            zeros = torch.zeros(target_pixels.shape[0], height, width, device=ctx.device)
+            return zeros.long(), zeros
+        with torch.no_grad(), self.teacher_weights(ctx.module, a.teacher_norm_stats) as teacher, ctx.autocast():
+            logits = teacher(pixel_values=target_pixels).logits
+        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        usable = dacs.valid_pixels(valid, height, width, a.pseudo_ignore_top, a.pseudo_ignore_bottom)
+        pseudo, weight = dacs.pseudo_labels(logits, usable, self.threshold, mode=a.pseudo_weight)
+        return pseudo, weight * a.pseudo_loss_weight
 
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

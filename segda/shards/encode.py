@@ -21,6 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from segda import codec
 from segda.classes import IGNORE, MAX_LABEL_ID, NUM_CLASSES, label_id_lut, synthia_lut
+from segda.colourstats import frame_stats
+from segda.data.transforms import DecodeError, exif_orientation, image_size, upright
 from segda.shards.layouts import RawSample
 
 IMAGE_FORMATS = ("pxz", "keep", "png", "bmp", "jpg", "webp")
@@ -61,18 +63,20 @@ class Encoded:
     members: list[tuple[str, bytes]]
     class_pixels: np.ndarray = field(repr=False)
     ignore_pixels: int = 0
+    colour: list = field(default_factory=list, repr=False)
+    """The frame's YCbCr statistics (segda.colourstats.frame_stats), summed into the manifest's colour_stats."""
 
 
 def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
     """Validate, remap and encode one sample; raise BadSample naming the problem."""
     image_bytes = _read(sample.image, "image")
-    image_size, pixels = _check_image(image_bytes, sample, opts)
+    image_size, pixels, turned = _check_image(image_bytes, sample, opts)
     train_ids = None if sample.label is None else _train_ids(sample, opts)
     if train_ids is not None and (train_ids.shape[1], train_ids.shape[0]) != image_size:
         raise BadSample(f"image is {image_size[0]}x{image_size[1]} but label is "
                         f"{train_ids.shape[1]}x{train_ids.shape[0]}")
-    ext = _image_ext(sample, opts)
-    if opts.resize is not None or opts.image_format != "keep":
+    ext = _image_ext(sample, opts, turned)
+    if opts.resize is not None or opts.image_format != "keep" or turned:  # turned: store the upright pixels
         image_bytes = _reencode(pixels, opts, ext)
     size = list(opts.resize) if opts.resize is not None else list(image_size)
     meta = {
@@ -92,7 +96,8 @@ def encode_sample(sample: RawSample, opts: EncodeOptions) -> Encoded:
         assert ok, "cv2 failed to encode a uint8 label"
         members.append((f"{sample.key}.label.png", label_png.tobytes()))
     members.append((f"{sample.key}.json", json.dumps(meta, sort_keys=True).encode()))
-    return Encoded(sample.key, members, counts[:NUM_CLASSES].astype(np.int64), int(counts[IGNORE]))
+    return Encoded(sample.key, members, counts[:NUM_CLASSES].astype(np.int64), int(counts[IGNORE]),
+                   frame_stats(_as_bgr8(pixels)[..., ::-1]))
 
 
 def _train_ids(sample: RawSample, opts: EncodeOptions) -> np.ndarray:
@@ -189,16 +194,13 @@ def load_id_map(path) -> dict:
         ids: {0: 255, 1: 0, 2: 1, 7: 13}   # label value (0-65535) -> train id (0-18, or 255 to leave out)
         others: error                        # a value not listed: error (the sample is skipped) or ignore (255)
     """
-    import yaml
-
+    from segda.configfile import read_yaml
     from segda.log import SegdaError
 
     try:
-        data = yaml.safe_load(open(path).read())
+        data = read_yaml(path, "id map")
     except OSError as err:
         raise SegdaError(f"cannot read the id map {path}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise SegdaError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("ids"), dict) or not data["ids"]:
         raise SegdaError(f"{path}: expected `ids: {{label value: train id, ...}}` (and optionally "
                          "`others: error | ignore`)")
@@ -235,29 +237,41 @@ def _regular(path, what: str) -> None:
         raise BadSample(f"{what} is not a regular file (a FIFO, socket or device)", what)
 
 
-def _check_image(data: bytes, sample: RawSample, opts: EncodeOptions) -> tuple[tuple[int, int], np.ndarray]:
-    """Return (width, height) and the decoded pixels. The image is decoded in full, as training will decode it: a
-    file whose chunks are intact but whose compressed pixels are corrupt fails here and is not counted."""
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "I", "I;16", "I;16B", "I;16L")
+"""PIL modes of the images segda takes (as `predict` does): colour, grey, palette, CMYK, with or without alpha,
+8 or 16 bit; each becomes 8-bit RGB."""
+
+
+def _check_image(data: bytes, sample: RawSample, opts: EncodeOptions) -> tuple[tuple[int, int], np.ndarray, bool]:
+    """Return (width, height), the decoded pixels and whether they were turned upright. Sizes are checked from the
+    header before anything is decoded; then the image is decoded in full, as training will decode it (a file whose
+    chunks are intact but whose compressed pixels are corrupt fails here and is not counted). Pixels and sizes are
+    upright: EXIF orientation applied, as every reader of segda applies it (segda.data.transforms.image_size)."""
     if not data:
         raise BadSample("unreadable image: the file is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            size, mode = im.size, im.mode
+            mode, orientation = im.mode, exif_orientation(im)
     except UnidentifiedImageError:
         raise BadSample(f"unreadable image: not in a known image format ({len(data)} bytes)") from None
     except Exception as err:  # PIL raises a zoo of types for broken files
         raise BadSample(f"unreadable image ({type(err).__name__}: {err})") from err
-    if mode not in ("RGB", "RGBA", "L", "P"):
-        raise BadSample(f"image mode {mode} is not an RGB image")
+    if mode not in IMAGE_MODES:
+        raise BadSample(f"image mode {mode} is not a colour or grey image")
+    try:
+        size = image_size(data)
+    except DecodeError as err:
+        raise BadSample(f"unreadable image: {err}") from None
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    pixels = None if pixels is None else upright(pixels, orientation)
     if pixels is None or (pixels.shape[1], pixels.shape[0]) != size:
         raise BadSample("unreadable image: its data is corrupt or truncated (the pixels do not decode)")
-    return size, pixels
+    return size, pixels, orientation != 1
 
 
-def _image_ext(sample: RawSample, opts: EncodeOptions) -> str:
-    if opts.image_format == "keep":
-        return sample.image.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+def _image_ext(sample: RawSample, opts: EncodeOptions, turned: bool = False) -> str:
+    if opts.image_format == "keep":  # an image stored sideways (EXIF) is kept losslessly, upright, as PNG
+        return "png" if turned else sample.image.suffix.lower().lstrip(".").replace("jpeg", "jpg")
     return opts.image_format
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import segda
 from segda import atomic
 from segda.classes import CLASS_NAMES, NUM_CLASSES
+from segda.colourstats import summarise
 from segda.log import SegdaError, info, warn
 from segda.shards.encode import BadSample, EncodeOptions, Encoded, encode_sample
 from segda.shards.layouts import LABELED, Orphan, RawSample, find_samples
@@ -190,15 +191,17 @@ def _write_shard(out: Path, parts: Path, split: str, index: int, shard, results,
         "inputs": _inputs_digest(shard),
         "conditions": sorted({s.group for s in shard if s.group}),
         "classes": [class_presence(r.class_pixels) for r in good],
+        "colour": [r.colour for r in good],
     }
     # The part record is written after the shard: a record always describes a complete shard.
     atomic.write_json(parts / f"{split}-{index:06d}.json", record)
     return record
 
 
-CLASS_PRESENCE_MIN_SHARE = 0.003
+CLASS_PRESENCE_MIN_SHARE = 3000 / (1914 * 1052)
 """A frame "holds" a class (the bits of each shard's `classes`, what rare-class sampling draws frames by) when the
-class covers at least this share of its pixels: DAFormer's 3,000 pixels of a 1280x720 GTA5 frame."""
+class covers at least this share of its pixels: DAFormer's rcs_min_pixels, 3,000 pixels of a full-size 1914x1052
+GTA5 label (0.15%). Shards written before this kept 0.3%; `segda shards` writes them anew."""
 
 
 def class_presence(class_pixels: np.ndarray) -> int:
@@ -286,6 +289,7 @@ def _manifest(dataset, root, encode: EncodeOptions, opts: CreateOptions, records
         "class_names": list(CLASS_NAMES),
         "class_pixels": class_pixels,
         "ignore_pixels": int(sum(r["ignore_pixels"] for r in records)),
+        "colour_stats": summarise([c for r in records for c in r.get("colour", [])]),
         "num_skipped": len(skipped),
         "skipped": skipped,
         "options": {**asdict(encode), "shard_size": opts.shard_size, "split_file": opts.split_file,

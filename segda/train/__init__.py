@@ -16,23 +16,38 @@ RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+from segda import rundir
 from segda.config import Config
+from segda.log import info
 from segda.train import outputs, setup
 from segda.train.loop import resumed_line, train_loop
 from segda.train.preempt import Preempted, StopSignals
 from segda.train.setup import STAGES
+from segda.train.state import PhaseClock
 
 __all__ = ["train", "STAGES"]
 
 
-def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = None) -> dict:
-    """Run one stage; return the summary that also goes to RUN_DIR/run.json."""
+def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = None, *, overwrite: bool = False,
+          phases: PhaseClock | None = None) -> dict:
+    """Run one stage; return the summary that also goes to RUN_DIR/run.json. The run folder is this run's alone
+    (segda.rundir): `resume` continues the run in it, `overwrite` moves an earlier one aside. `phases`: a
+    PhaseClock that keeps every step's host time by phase (segda bench loop)."""
+    out = Path(out_dir)
+    finished = _finished_run(out) if resume == "auto" else None
+    if finished is not None:
+        info(f"{out} holds a finished {finished.get('stage')} run ({finished.get('step')} steps): nothing to resume")
+        return finished
     # From the first moment: a SIGTERM during start-up is answered at the first step, not by dying.
     signals = StopSignals()
+    owner = rundir.claim(out, command=stage, resume=resume, overwrite=overwrite,
+                         is_main=int(os.environ.get("RANK", "0")) == 0)
     try:
-        trainer, found, saved = setup.build(stage, cfg, Path(out_dir), resume, signals)
+        trainer, found, saved = setup.build(stage, cfg, out, resume, signals, phases)
         setup.restore(trainer, found, saved)
         if found is not None:
             resumed_line(trainer, found)
@@ -50,3 +65,14 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
             raise
     finally:
         signals.restore()
+        if owner is not None:
+            owner.release()
+
+
+def _finished_run(out: Path) -> dict | None:
+    """run.json of a run that ended with status done (resuming it has nothing to do), else None."""
+    try:
+        summary = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("status") == "done" else None

@@ -19,6 +19,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from segda import adapters
 from segda.config import Config
 from segda.data.datasets import resolve_dataset
+from segda.data.loader import limit_main_threads
 from segda.log import SegdaError, set_main_process
 from segda.methods import build_method
 from segda.model import batchnorm_in_fp32, build_model, fingerprint, normalize
@@ -69,8 +70,7 @@ class Trainer:
         # skips a non-finite step on the device (segda.train.guard)
         self.guard = None if self.deepspeed or acc.scaler is not None else \
             NonFiniteGuard(self.optimizer, acc.device, self.model)
-        self.forward = torch.compile(self.model, backend=self.cfg.train.compile_backend) if self.cfg.train.compile \
-            else self.model  # compiled: the training forward only; saving and evaluating use the module itself
+        self.forward = compiled(self.model, self.cfg.train) if self.cfg.train.compile else self.model
         self.rng = RNGState(acc.process_index, self.cfg.train.seed)
         self.last: dict = {}  # the latest metrics line
 
@@ -96,21 +96,26 @@ class Trainer:
                 "base_fingerprint": self.base_fingerprint, "data_order": "by_sample"}
 
 
-def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: StopSignals):
+def compiled(model, cfg):
+    """torch.compile of the training forward only: saving and evaluating use the module itself."""
+    mode = None if cfg.compile_mode == "default" or cfg.compile_backend != "inductor" else cfg.compile_mode
+    return torch.compile(model, backend=cfg.compile_backend, mode=mode)
+
+
+def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: StopSignals,
+          phases: PhaseClock | None = None):
     """(Trainer, checkpoint to resume from or None, its state.json or None), on every rank."""
     if stage not in STAGES:
         raise SegdaError(f"unknown stage {stage!r}; choose one of {STAGES}")
     set_main_process(int(os.environ.get("RANK", "0")) == 0)
-    train_ds, val_ds, target_ds = _datasets(stage, cfg)
-    found = ckpt.find_resume(out_dir, resume)
-    if found is None and ckpt.list_checkpoints(out_dir):
-        raise SegdaError(f"{out_dir} already holds checkpoints of an earlier run: continue it with --resume auto, "
-                         "or choose another --out")
+    train_ds, val_ds, target_ds = datasets(stage, cfg)
+    found = ckpt.find_resume(out_dir, resume)  # segda.rundir already refused a run folder that is not ours
     saved = ckpt.read_state(found) if found else None
     if saved is not None:  # may change train.grad_accum, which the Accelerator is built with
         resume_policy.check_resumable(saved, cfg, stage, found, world=resume_policy.launched_world())
     accelerator = make_accelerator(cfg, out_dir)
     set_main_process(accelerator.is_main_process)
+    limit_main_threads(cfg.data.workers, cfg.data.threads)  # no core runs two busy threads (data.loader)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
     if saved is not None:
@@ -133,7 +138,7 @@ def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: S
     checkpointer = ckpt.Checkpointer(out_dir, accelerator, Control(accelerator.num_processes,
                                      accelerator.process_index), cfg.train.keep_checkpoints, deepspeed)
     trainer = Trainer(stage, cfg, out_dir, accelerator, model, optimizer, scheduler, method, data, checkpointer,
-                      signals, val_ds, base_fp)
+                      signals, val_ds, base_fp, phases=phases or PhaseClock())
     return trainer, found, saved
 
 
@@ -193,12 +198,12 @@ def build_trainable(stage: str, cfg: Config):
     return adapters.attach_lora(base, cfg.lora), base_fp
 
 
-def _datasets(stage: str, cfg: Config):
+def datasets(stage: str, cfg: Config):
     """(train, val or None, target or None), resolved (training indexes what it reads: segda.data.stream)."""
-    pipe = cfg.data.allow_pipe
-    train_ds = resolve_dataset(cfg.data.train, allow_pipe=pipe)
+    fetch = {"allow_pipe": cfg.data.allow_pipe, "timeout": cfg.data.timeout, "retries": cfg.data.retries}
+    train_ds = resolve_dataset(cfg.data.train, **fetch)
     train_ds.require_labels("data.train (supervised training)")
-    val_ds = resolve_dataset(cfg.data.val, allow_pipe=pipe) if cfg.data.val else None
+    val_ds = resolve_dataset(cfg.data.val, **fetch) if cfg.data.val else None
     if val_ds is not None:
         val_ds.require_labels("data.val (evaluation)")
         if cfg.train.eval_max_samples and not val_ds.counts_known:
@@ -209,7 +214,7 @@ def _datasets(stage: str, cfg: Config):
         if stage != "adapt":
             raise SegdaError(f"adapt.method=selftrain trains an adapter: run it with `segda adapt`, not "
                              f"`segda {stage}`")
-        target_ds = resolve_dataset(cfg.data.target, allow_pipe=pipe)
+        target_ds = resolve_dataset(cfg.data.target, **fetch)
     return train_ds, val_ds, target_ds
 
 

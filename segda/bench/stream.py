@@ -3,19 +3,23 @@ HTTP and S3 servers on 127.0.0.1 that count the requests and bytes they serve.
 
     segda bench stream --world 64 --workers 8            # Cityscapes counts: 2,975 train, 500 val, shards of 256
 
-The same shards are read twice per source: through a manifest without byte offsets (the baseline: what segda < 0.2
-wrote; readers stream each shard from byte 0) and through the indexed manifest (sample-by-sample reads in a global
-per-epoch permutation). For one training epoch and one evaluation pass it prints:
+Two readers of the same shards per source. The baseline is what plain webdataset does: whole shards dealt out to
+the rank x worker slots (shuffled per epoch) and streamed from byte 0 through a shuffle buffer; evaluation streams
+whole shards too. segda reads the indexed manifest sample by sample in a global per-epoch permutation. For one
+training epoch and one evaluation pass it prints:
 
 - bytes fetched / bytes used (the samples' own tar bytes) and requests per sample;
-- exactly-once: every planned sample once (training: all but the N mod W remainder), equal batch counts per rank;
+- exactly-once: every planned sample once (training: all but the N mod W remainder), and the batch counts per rank
+  (the baseline's differ when shards do not divide evenly: DDP would hang or drop data);
 - batch composition: mean distinct cities per training batch, divided by its expectation for a uniformly shuffled
   batch of the same size (1.0 = looks uniform; 1/E = every batch is one city);
 - loader samples/s of this one process reading every slot in turn (decode and augmentation included), and its CPU
-  time per sample (the servers run in their own processes: on a 2-core machine they compete for the cores, so the
-  CPU figure is the reader's own cost);
-- the epoch-boundary stall of a real DataLoader with K worker processes (rank 0 of W): the wait for the first batch
-  of an epoch (mean over the 2 boundaries of 3 epochs) against the mean wait between the other batches.
+  time per sample (the servers run in their own processes);
+- segda's epoch-boundary stall with a real DataLoader of K worker processes (rank 0 of W): the wait for the first
+  batch of an epoch (mean over the 2 boundaries of 3 epochs) against the mean wait between the other batches.
+
+The measurements run in a child process whose environment points S3 at the local server: this process's
+environment is never changed.
 """
 
 from __future__ import annotations
@@ -32,11 +36,12 @@ from contextlib import ExitStack
 from math import comb
 from pathlib import Path
 
+import numpy as np
+
+from segda.bench.servers import TRAFFIC_PATH
 from segda.config import DataConfig
 from segda.data.datasets import Dataset, resolve_dataset
-from segda.data.stream import EvalStream, train_stream, training_batches
 from segda.log import info
-from segda.loopback import TRAFFIC_PATH
 
 MODES = ("baseline", "segda")
 
@@ -66,11 +71,11 @@ def make_cityscapes_like(root: Path, train: int, val: int, shard_size: int, size
 
 
 class _Server:
-    """A loopback server (segda.loopback) in a child process, so that serving does not compete with the reader
+    """A loopback server (segda.bench.servers) in a child process, so that serving does not compete with the reader
     for this process's interpreter lock; its request and byte counters are read over HTTP."""
 
     def __init__(self, kind: str, where: Path, stack: ExitStack):
-        self._proc = subprocess.Popen([sys.executable, "-m", "segda.loopback", kind, str(where)],
+        self._proc = subprocess.Popen([sys.executable, "-m", "segda.bench.servers", kind, str(where)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         stack.callback(self._stop)
         line = self._proc.stdout.readline()
@@ -82,7 +87,8 @@ class _Server:
     def traffic(self, reset: bool = False) -> tuple[int, int]:
         """(requests, body bytes) served since the last reset."""
         query = "?reset=1" if reset else ""
-        with urllib.request.urlopen(f"{self._control}{TRAFFIC_PATH}{query}", timeout=30) as resp:
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, whatever the env says
+        with no_proxy.open(f"{self._control}{TRAFFIC_PATH}{query}", timeout=30) as resp:
             counts = json.loads(resp.read())
         return counts["requests"], counts["bytes"]
 
@@ -94,13 +100,14 @@ class _Server:
             self._proc.kill()
 
 
-def _serve(folder: Path, kinds: list[str], stack: ExitStack) -> dict[str, tuple[_Server, str]]:
-    """The shard folder served over HTTP and (when moto is installed) S3: {source: (server, base URL)}."""
-    os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+def _serve(folder: Path, kinds: list[str], stack: ExitStack) -> dict[str, tuple[_Server, str, dict]]:
+    """The shard folder served over HTTP and (when moto is installed) S3: {source: (server, base URL, the
+    environment a client needs to reach it)}."""
+    local = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     served = {}
     if "http" in kinds:
         server = _Server("http", folder, stack)
-        served["http"] = (server, server.addresses["url"])
+        served["http"] = (server, server.addresses["url"], local)
     if "s3" in kinds:
         try:
             import boto3
@@ -114,9 +121,9 @@ def _serve(folder: Path, kinds: list[str], stack: ExitStack) -> dict[str, tuple[
         for f in sorted(folder.iterdir()):
             if f.is_file():
                 client.upload_file(str(f), where["bucket"], f"bench/{f.name}")
-        os.environ.update(AWS_ENDPOINT_URL=where["endpoint"], AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-        served["s3"] = (server, f"s3://{where['bucket']}/bench")
+        env = {**local, "AWS_ENDPOINT_URL": where["endpoint"], "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        served["s3"] = (server, f"s3://{where['bucket']}/bench", env)
     return served
 
 
@@ -138,12 +145,17 @@ def _sample_sizes(indexed: Dataset) -> dict[str, int]:
 
 
 def simulate_train_epoch(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dict:
-    """Epoch 0 of every rank's every loader worker, read in turn in this process: batches (lists of keys), batch
-    count per rank, seconds."""
+    """segda: epoch 0 of every rank's every loader worker, read in turn in this process: batches (lists of keys),
+    batch count per rank, seconds."""
+    from segda.data.datasets import indexed_for_training
+    from segda.data.stream import TrainStream, batches_per_epoch
+
     batches, per_rank = [], []
     start, cpu = time.perf_counter(), time.process_time()
     for rank in range(world):
-        stream = train_stream(ds, cfg, rank=rank, world=world, seed=0, epoch=0)
+        indexed = indexed_for_training(ds, cfg, rank=rank, world=world)
+        stream = TrainStream(indexed, cfg, rank=rank, world=world, seed=0,
+                             num_batches=batches_per_epoch(indexed, cfg, world))
         keys = [b["key"] for w in range(max(workers, 1)) for b in stream.worker_iter(w)]
         per_rank.append(len(keys))
         batches += keys
@@ -151,10 +163,53 @@ def simulate_train_epoch(ds: Dataset, cfg: DataConfig, world: int, workers: int)
     return {"batches": batches, "per_rank": per_rank, "seconds": seconds, "cpu_seconds": cpu}
 
 
+def simulate_baseline_epoch(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dict:
+    """Plain webdataset: epoch 0's shuffled shard list split by node, then by worker (shards[rank::W][k::K]), each
+    shard streamed whole through a shuffle buffer and decoded, batches of consecutive samples."""
+    from segda.data.augment import Augmenter
+    from segda.data.reader import ShardReader
+
+    frames = cfg.batch_size // cfg.crops_per_frame
+    order = np.random.default_rng([0, 0, 0x5E6DA]).permutation(len(ds.shards)).tolist()
+    batches, per_rank = [], []
+    start, cpu = time.perf_counter(), time.process_time()
+    for rank in range(world):
+        count = 0
+        for worker in range(max(workers, 1)):
+            reader = ShardReader(ds, timeout=cfg.timeout, retries=cfg.retries)
+            augmenter = Augmenter(cfg, 0, bad=reader.bad)
+            raw = (s for shard in order[rank::world][worker::max(workers, 1)] for s in reader.segment(shard))
+            keys: list[str] = []
+            for sample in _shuffled(raw, 64, np.random.default_rng([rank, worker])):
+                augmenter.crops(sample, 0)
+                keys.append(sample["__key__"])
+                if len(keys) == frames:
+                    batches.append(keys)
+                    count, keys = count + 1, []
+            if keys:
+                batches.append(keys)
+                count += 1
+        per_rank.append(count)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"batches": batches, "per_rank": per_rank, "seconds": seconds, "cpu_seconds": cpu}
+
+
+def _shuffled(samples, buffer_size: int, rng: np.random.Generator):
+    buffer: list = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= buffer_size:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+    while buffer:
+        yield buffer.pop(int(rng.integers(len(buffer))))
+
+
 def simulate_eval(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dict:
     """One evaluation pass of every rank's every loader worker in this process: the keys read, seconds."""
     keys = []
     start = time.perf_counter()
+    from segda.data.eval_stream import EvalStream
+
     for rank in range(world):
         stream = EvalStream(ds, cfg, rank=rank, world=world, batch_size=1)
         keys += [k for w in range(max(workers, 1)) for b in stream.worker_iter(w) for k in b["key"]]
@@ -164,17 +219,18 @@ def simulate_eval(ds: Dataset, cfg: DataConfig, world: int, workers: int) -> dic
 def _epoch_stall(ds: Dataset, cfg: DataConfig, world: int, epochs: int = 3) -> dict:
     """Rank 0 through a real DataLoader with worker processes over `epochs` epochs: the wait for the first batch
     of each new epoch against the waits between the other batches."""
-    from segda.data.stream import batches_per_epoch
+    from segda.data.stream import TrainingData, batches_per_epoch
 
     per_epoch = batches_per_epoch(ds, cfg, world)
     waits, tick = [], time.perf_counter()
-    batches = training_batches(ds, cfg, rank=0, world=world, seed=0)
+    data = TrainingData(ds, cfg, rank=0, world=world, seed=0)
+    batches = iter(data)
     for _ in range(epochs * per_epoch):
         next(batches)
         now = time.perf_counter()
         waits.append(now - tick)
         tick = now
-    batches.close()
+    data.close()
     # waits[0] is the run's start-up, paid once; epoch e starts at waits[e * per_epoch].
     boundaries = [waits[e * per_epoch] for e in range(1, epochs)]
     others = [w for i, w in enumerate(waits) if i % per_epoch]
@@ -189,40 +245,64 @@ def bench_stream(world: int, workers: int, *, data_dir: str | None = None, train
 
     root = Path(data_dir or tempfile.mkdtemp(prefix="segda-bench-stream-"))
     manifests = make_cityscapes_like(root, train, val, shard_size, size)
-    cfg = DataConfig(batch_size=batch, workers=workers, crop_size="16x16", base_size="{}x{}".format(*size),
-                     shuffle_buffer=64, photometric=False)
     info(f"stream: {world} ranks x {workers} workers simulated in one process; {train} train / {val} val frames "
          f"of {size[0]}x{size[1]} in shards of {shard_size}; batch {batch}")
     results: dict = {"world": world, "workers": workers}
     with ExitStack() as stack:
         served = _serve(root / "shards", list(sources), stack)
-        for source, (server, base) in served.items():
+        for source, (server, base, env) in served.items():
             for mode in MODES:
-                results[(source, mode)] = _measure(server, base, manifests, mode, cfg, world, workers, stall)
+                job = {"base": base, "manifests": manifests, "mode": mode, "world": world, "workers": workers,
+                       "batch": batch, "size": list(size), "stall": stall and mode == "segda"}
+                server.traffic(reset=True)
+                results[(source, mode)] = _measure_in_child(job, env, server)
     _print_table(results, list(served))
     return results
 
 
-def _measure(server, base: str, manifests: dict, mode: str, cfg: DataConfig, world: int, workers: int,
-             stall: bool) -> dict:
+def _measure_in_child(job: dict, env: dict, server) -> dict:
+    """Run `_measure` in a child process whose environment reaches the server; between its phases the child
+    asks this process (over its stdin/stdout) to read and reset the server's counters."""
+    proc = subprocess.Popen([sys.executable, "-m", "segda.bench.stream", json.dumps(job)], env={**os.environ, **env},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the measuring process failed (exit status {proc.wait()}); its errors are above")
+        message = json.loads(line)
+        if "result" in message:
+            proc.wait()
+            return message["result"]
+        proc.stdin.write(json.dumps(server.traffic(reset=True)) + "\n")  # {"traffic": phase name}
+        proc.stdin.flush()
+
+
+def _measure(job: dict) -> dict:
+    """In the child: one reader (segda or baseline) through one source; traffic read from the parent."""
+    def traffic() -> tuple[int, int]:
+        print(json.dumps({"traffic": True}), flush=True)
+        return tuple(json.loads(sys.stdin.readline()))
+
+    base, manifests, mode, world, workers = (job[k] for k in ("base", "manifests", "mode", "world", "workers"))
+    cfg = DataConfig(batch_size=job["batch"], workers=workers, crop_size="16x16",
+                     base_size="{}x{}".format(*job["size"]), photometric=False)
     train_ds = resolve_dataset(f"{base}/{manifests['train'][mode]}")
     val_ds = resolve_dataset(f"{base}/{manifests['val'][mode]}")
     sizes = _sample_sizes(resolve_dataset(f"{base}/{manifests['train']['segda']}"))
     val_sizes = _sample_sizes(resolve_dataset(f"{base}/{manifests['val']['segda']}"))
     all_train, all_val = list(sizes), list(val_sizes)
-
-    server.traffic(reset=True)
-    epoch = simulate_train_epoch(train_ds, cfg, world, workers)
-    train_traffic = server.traffic(reset=True)
+    traffic()  # zero the counters: resolving the manifests is not reading data
+    simulate = simulate_train_epoch if mode == "segda" else simulate_baseline_epoch
+    epoch = simulate(train_ds, cfg, world, workers)
+    train_traffic = traffic()
     evaluation = simulate_eval(val_ds, cfg, world, workers)
-    eval_traffic = server.traffic(reset=True)
-
+    eval_traffic = traffic()
     trained = [k for b in epoch["batches"] for k in b]
-    used = sum(sizes[k] for k in trained)
+    planned = len(all_train) - (len(all_train) % world if mode == "segda" else 0)
     row = {
-        "train_bytes_ratio": train_traffic[1] / used,
+        "train_bytes_ratio": train_traffic[1] / sum(sizes[k] for k in trained),
         "train_requests_per_sample": train_traffic[0] / len(trained),
-        "train_exactly_once": len(trained) == len(set(trained)) == len(all_train) - len(all_train) % world,
+        "train_exactly_once": len(trained) == len(set(trained)) == planned,
         "batches_per_rank": (min(epoch["per_rank"]), max(epoch["per_rank"])),
         "city_composition": city_composition(epoch["batches"], all_train),
         "train_samples_per_s": len(trained) / epoch["seconds"],
@@ -232,7 +312,7 @@ def _measure(server, base: str, manifests: dict, mode: str, cfg: DataConfig, wor
         "eval_exactly_once": sorted(evaluation["keys"]) == sorted(all_val),
         "eval_samples_per_s": len(evaluation["keys"]) / evaluation["seconds"],
     }
-    if stall:
+    if job["stall"]:
         row.update(_epoch_stall(train_ds, cfg, world))
     return row
 
@@ -260,3 +340,7 @@ def _print_table(results: dict, bases: list[str]) -> None:
               f"{ours['train_bytes_ratio']:.2f}x, evaluation {base['eval_bytes_ratio']:.2f}x -> "
               f"{ours['eval_bytes_ratio']:.2f}x; loader speed ratio (segda / baseline): "
               f"{ours['train_samples_per_s'] / base['train_samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":  # the measuring child of `_measure_in_child`
+    print(json.dumps({"result": _measure(json.loads(sys.argv[1]))}), flush=True)

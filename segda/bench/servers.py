@@ -1,11 +1,11 @@
-"""Loopback servers for streaming tests and `segda bench stream`: an HTTP file server that answers Range requests,
-and a real moto S3 server behind a proxy. Both count the requests and body bytes they serve (`.traffic`) and can
-inject faults (`.faults`). They listen on 127.0.0.1 only.
+"""Loopback servers for `segda bench stream`: an HTTP file server that answers Range requests, and a real moto S3
+server behind a small proxy. Both count the requests, connections and body bytes they serve (`.traffic`), which
+is what the streaming benchmark reports. They listen on 127.0.0.1 only.
 
-The tests use them through the `http_server` and `s3_server` fixtures in tests/conftest.py. Faults fire once per path (the first GET
-of it), so a client that retries or resumes succeeds and a test can check that it did, from `faults.requests`.
-S3 faults work by putting a small HTTP proxy between the client and `moto_server`: the client really re-requests
-the missing byte range from moto, nothing in the client is patched.
+    python -m segda.bench.servers http ROOT      # or: s3 LOG_FILE; prints its addresses as one JSON line
+
+The handlers have one hook, `fault(path, range)`, that answers "no fault" here: the tests (tests/servers.py)
+override it to inject failures (a status, a cut connection, a stall) into the same servers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -29,44 +28,6 @@ from urllib.parse import unquote, urlsplit
 
 TRAFFIC_PATH = "/__traffic__"
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
-
-
-@dataclass
-class Faults:
-    """What the server does wrong, per test. Paths are URL paths: "/a/b.tar" (S3: "/bucket/key")."""
-
-    status_once: int | None = None
-    """Answer this status (e.g. 503) to the first GET of each path."""
-    drop_after: int | None = None
-    """First GET of each path (after any status_once): send the full Content-Length, this many body bytes, then cut."""
-    reset: bool = False
-    """Cut with a TCP reset (client sees ConnectionResetError) instead of a clean close (client sees a short body)."""
-    stall: float = 0.0
-    """Seconds to sit silent before the cut, to exercise the client's read timeout."""
-    not_found: set[str] = field(default_factory=set)
-    """Paths that always answer 404 (HTTP file server only; moto answers NoSuchKey for missing keys itself)."""
-    ignore_range: bool = False
-    """Answer 200 with the whole file even to a Range request, like a server without range support."""
-    only: set[str] | None = None
-    """Limit status_once/drop_after to these paths; None means every path."""
-    requests: list[tuple[str, str | None]] = field(default_factory=list)
-    """(path, Range header) of every GET received, in order."""
-    _done: set[tuple[str, str]] = field(default_factory=set)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def decide(self, path: str, range_header: str | None) -> tuple[int | None, int | None]:
-        """Log a GET and return (status to answer instead, body bytes to send before cutting)."""
-        with self._lock:
-            self.requests.append((path, range_header))
-            if self.only is not None and path not in self.only:
-                return None, None
-            if self.status_once is not None and ("status", path) not in self._done:
-                self._done.add(("status", path))
-                return self.status_once, None
-            if self.drop_after is not None and ("drop", path) not in self._done:
-                self._done.add(("drop", path))
-                return None, self.drop_after
-            return None, None
 
 
 @dataclass
@@ -91,7 +52,6 @@ class Traffic:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    faults: Faults
     traffic: Traffic
     root: Path | None = None
     upstream: tuple[str, int] | None = None
@@ -105,7 +65,7 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes: with Nagle's algorithm on, a kept-alive connection waits ~40 ms for
     # the client's delayed ACK before each body. Real servers set TCP_NODELAY too.
@@ -115,11 +75,25 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         pass
 
+    def fault(self, path: str, range_header: str | None) -> tuple[int | None, int | None]:
+        """(status to answer instead, body bytes to send before cutting the connection) for a GET: none here."""
+        return None, None
+
+    def cut(self) -> None:
+        """End the connection after a partial body (a fault)."""
+        self.close_connection = True
+
+    def not_found(self, path: str) -> bool:
+        return False
+
+    def ignores_range(self) -> bool:
+        return False
+
     def reply(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        """Send a response, applying the faults configured for this path."""
+        """Send a response (or the fault `fault` asks for)."""
         drop = None
         if self.command == "GET":
-            fault_status, drop = self.server.faults.decide(urlsplit(self.path).path, self.headers.get("Range"))
+            fault_status, drop = self.fault(urlsplit(self.path).path, self.headers.get("Range"))
             if fault_status is not None:
                 status, headers, body = fault_status, {}, b"injected fault\n"
         self.send_response(status)
@@ -165,28 +139,22 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "GET":
                 traffic.add(sent)
 
-    def cut(self) -> None:
-        time.sleep(self.server.faults.stall)
-        self.close_connection = True
-        if self.server.faults.reset:  # linger 0 + close = RST, with no FIN before it
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            self.connection.close()
 
 
-class _FileHandler(_Handler):
+class FileHandler(Handler):
     def do_GET(self):
         if self.answered_traffic():
             return
         path = unquote(urlsplit(self.path).path)
         root = self.server.root.resolve()
         file = (root / path.lstrip("/")).resolve()
-        if path in self.server.faults.not_found or root not in file.parents or not file.is_file():
+        if self.not_found(path) or root not in file.parents or not file.is_file():
             return self.reply(404, {"Content-Type": "text/plain"}, b"not found\n")
         stat = file.stat()
         size = stat.st_size
         headers = {"Accept-Ranges": "bytes", "ETag": f'"{stat.st_mtime_ns}-{size}"'}
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-        if not match or self.server.faults.ignore_range:
+        if not match or self.ignores_range():
             return self.reply(200, headers, file.read_bytes())
         start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
         if start >= size:
@@ -199,7 +167,7 @@ class _FileHandler(_Handler):
     do_HEAD = do_GET
 
 
-class _ProxyHandler(_Handler):
+class ProxyHandler(Handler):
     """Forwards each request to moto, buffering the answer so faults can cut its body at an exact byte."""
 
     def forward(self):
@@ -235,9 +203,9 @@ class _ProxyHandler(_Handler):
 class LoopbackServer:
     """A threaded HTTP server on 127.0.0.1 (ephemeral port) in a daemon thread; `close()` stops it."""
 
-    def __init__(self, handler: type[_Handler], root: Path | None = None, upstream: tuple[str, int] | None = None):
+    def __init__(self, handler: type[Handler], root: Path | None = None, upstream: tuple[str, int] | None = None):
         self._server = _Server(("127.0.0.1", 0), handler)
-        self._server.faults, self._server.root, self._server.upstream = Faults(), root, upstream
+        self._server.root, self._server.upstream = root, upstream
         self._server.traffic = Traffic()
         self.root = root
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -245,12 +213,9 @@ class LoopbackServer:
         self._thread.start()
 
     @property
-    def faults(self) -> Faults:
-        return self._server.faults
-
-    @faults.setter
-    def faults(self, value: Faults) -> None:
-        self._server.faults = value
+    def server(self) -> _Server:
+        """The server object each handler sees as `self.server` (where a test puts its faults)."""
+        return self._server
 
     @property
     def traffic(self) -> Traffic:
@@ -265,9 +230,9 @@ class LoopbackServer:
         self._thread.join(timeout=5)
 
 
-def http_file_server(root: Path) -> LoopbackServer:
-    """Serve `root` with Range support: `.url` is the base URL, `.root` the directory, `.faults` the faults."""
-    return LoopbackServer(_FileHandler, root=root)
+def http_file_server(root: Path, handler: type[Handler] = FileHandler) -> LoopbackServer:
+    """Serve `root` with Range support: `.url` is the base URL, `.root` the directory."""
+    return LoopbackServer(handler, root=root)
 
 
 def free_port() -> int:
@@ -277,15 +242,15 @@ def free_port() -> int:
 
 
 class MotoS3:
-    """A `moto_server` process behind a fault-injecting proxy, with one bucket.
+    """A `moto_server` process behind a counting proxy, with one bucket.
 
     `.endpoint` (the proxy) is what clients should use, e.g. via AWS_ENDPOINT_URL; `.upload()` goes straight to
-    moto so that setting up a test never trips its faults.
+    moto (uncounted, and past any fault a test injects into the proxy).
     """
 
     ACCESS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
 
-    def __init__(self, log_path: Path, bucket: str = "segda-test"):
+    def __init__(self, log_path: Path, bucket: str = "segda-test", proxy_handler: type[Handler] = ProxyHandler):
         port = free_port()
         command = shutil.which("moto_server")
         argv = [command] if command else [sys.executable, "-m", "moto.server"]
@@ -297,7 +262,7 @@ class MotoS3:
         try:
             self._wait_until_up(log_path)
             self.client().create_bucket(Bucket=bucket)
-            self._proxy = LoopbackServer(_ProxyHandler, upstream=("127.0.0.1", port))
+            self._proxy = LoopbackServer(proxy_handler, upstream=("127.0.0.1", port))
         except BaseException:
             self.close()
             raise
@@ -318,12 +283,9 @@ class MotoS3:
         raise RuntimeError(f"moto_server did not answer within {limit}s: {log_path.read_text()[-2000:]}")
 
     @property
-    def faults(self) -> Faults:
-        return self._proxy.faults
-
-    @faults.setter
-    def faults(self, value: Faults) -> None:
-        self._proxy.faults = value
+    def server(self):
+        """The proxy's server object (where a test puts its faults)."""
+        return self._proxy.server
 
     @property
     def traffic(self) -> Traffic:
@@ -348,7 +310,7 @@ class MotoS3:
         return f"s3://{self.bucket}/{key}"
 
     def path(self, key: str) -> str:
-        """The URL path the proxy sees for `key` (what Faults.only / not_found / requests use)."""
+        """The URL path the proxy sees for `key`."""
         return f"/{self.bucket}/{key}"
 
     def close(self) -> None:
@@ -364,7 +326,7 @@ class MotoS3:
 
 
 def serve_main(argv: list[str]) -> None:
-    """`python -m segda.loopback http ROOT` or `... s3 LOG_FILE`: run one server in this process, print its
+    """`python -m segda.bench.servers http ROOT` or `... s3 LOG_FILE`: run one server in this process, print its
     addresses as one JSON line, and stop when standard input closes (when the parent process exits)."""
     kind, where = argv
     if kind == "http":

@@ -1,0 +1,99 @@
+"""A run folder has one owner: the command writing it holds a lock on RUN_DIR/.segda-lock for its whole life, and
+a folder that already holds a run is never written over by accident.
+
+    with claim(out, command="pretrain", resume=None, overwrite=False, is_main=True):
+        ...  # train; the lock goes with the process, however it ends (kill -9 included)
+
+- A folder whose lock another live process holds is refused, naming that process (two trainers on one --out).
+  The lock is the kernel's (flock): a process that died, however, left no lock behind.
+- A folder that holds a finished, failed or interrupted run (run.json, a model, an adapter, checkpoints, a
+  report) is refused unless the command says what to do with it: `--resume auto` continues it, `--overwrite`
+  moves it aside to NAME.old-YYYYmmdd-HHMMSS (never deleted), or another --out.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from segda.log import SegdaError, info
+
+LOCK = ".segda-lock"
+RUN_MARKERS = ("run.json", "model", "adapter", "checkpoints", "metrics.jsonl")
+STUDY_MARKERS = ("report.json", "runs", "shards", "raw")
+"""What makes a folder hold a training run, or a `segda demo` study."""
+
+
+class Owner:
+    """The lock of one folder, held until `release` or the end of the process."""
+
+    def __init__(self, folder: Path, command: str):
+        self.folder, self.command, self._fd = folder, command, None
+
+    def acquire(self) -> "Owner":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(fd)
+            os.close(fd)
+            raise SegdaError(f"{self.folder} is being written by {holder}: wait for it to finish, stop it, or choose "
+                             "another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "Owner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def holds(folder: Path, markers=RUN_MARKERS) -> list[str]:
+    """The markers of an earlier run or study found in `folder`."""
+    return [m for m in markers if (folder / m).exists() or (m == "adapter" and any(folder.glob("adapter-*")))]
+
+
+def claim(folder: str | Path, *, command: str, resume: str | None, overwrite: bool, is_main: bool = True,
+          markers=RUN_MARKERS) -> Owner | None:
+    """Check that `folder` may be written (module docstring) and, on the main process, take its lock; other
+    processes of the same run only check (they refuse what the main process refuses). Returns the lock held."""
+    folder = Path(folder)
+    if resume and overwrite:
+        raise SegdaError("--resume continues the run in --out and --overwrite moves it aside: give one of them")
+    found = holds(folder, markers) if folder.is_dir() else []
+    if found and not resume and not overwrite:
+        raise SegdaError(f"{folder} already holds a run ({', '.join(found)}): continue it with --resume auto, "
+                         f"write elsewhere with another --out, or move it aside with --overwrite (it is renamed, "
+                         "never deleted)")
+    if not is_main:
+        return None
+    if found and overwrite:
+        with Owner(folder, command).acquire():  # refused while its owner is alive
+            aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            while aside.exists():
+                aside = aside.with_name(aside.name + "+")
+            os.rename(folder, aside)
+        info(f"{folder} held an earlier run: moved it to {aside}")
+    return Owner(folder, command).acquire()
+
+
+def _describe(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"segda {holder['command']} (process {holder['pid']} on {holder['host']} since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another segda process"
