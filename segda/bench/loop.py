@@ -37,24 +37,26 @@ MODELS = {"tiny": {"hidden_sizes": [8, 8, 8, 8], "decoder_hidden_size": 8, "num_
 
 
 def make_frames(root: Path, frames: int, size: tuple[int, int], target: bool) -> dict[str, str]:
-    """Synthetic GTA5 frames (and Cityscapes images for self-training) at `size` as PXZ shards, made once."""
+    """Synthetic GTA5 frames (and Cityscapes images for self-training) at `size` as PXZ shards, each made once."""
     from segda.shards.encode import EncodeOptions
     from segda.shards.synth import synth_cityscapes, synth_gta5
     from segda.shards.writer import CreateOptions, create_shards, manifest_path
 
-    stamp, wanted = root / "made.json", {"frames": frames, "size": list(size), "target": target}
-    manifests = {"train": str(manifest_path(root / "gta5", "train")),
-                 "target": str(manifest_path(root / "target", "train"))}
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        return manifests
-    synth_gta5(root / "raw-gta5", frames, size=size, seed=0, quirks=False)
-    create_shards("gta5", root / "raw-gta5", root / "gta5", EncodeOptions("gta5", "train"),
-                  CreateOptions(shard_size=16, workers=2), progress=False)
-    if target:
-        synth_cityscapes(root / "raw-cs", "train", frames, size=size, seed=0)
-        create_shards("images", root / "raw-cs" / "leftImg8bit" / "train", root / "target",
-                      EncodeOptions("images", "train"), CreateOptions(shard_size=16, workers=2), progress=False)
-    stamp.write_text(json.dumps(wanted))
+    wanted = {"frames": frames, "size": list(size)}
+    parts = {"train": ("gta5", lambda raw: synth_gta5(raw, frames, size=size, seed=0, quirks=False), "gta5"),
+             "target": ("target", lambda raw: synth_cityscapes(raw, "train", frames, size=size, seed=0), "images")}
+    manifests = {}
+    for name, (folder, synth, dataset) in parts.items():
+        manifests[name] = str(manifest_path(root / folder, "train"))
+        stamp = root / f"{folder}.json"
+        if (name == "target" and not target) or (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+            continue
+        raw = root / f"raw-{folder}"
+        synth(raw)
+        source = raw / "leftImg8bit" / "train" if dataset == "images" else raw
+        create_shards(dataset, source, root / folder, EncodeOptions(dataset, "train"),
+                      CreateOptions(shard_size=16, workers=2), progress=False)
+        stamp.write_text(json.dumps(wanted))
     return manifests
 
 
@@ -69,8 +71,9 @@ def loop_config(stage: str, model: str, manifests: dict, crop, batch: int, worke
         overrides += ["model.name_or_path=", f"model.config={json.dumps(MODELS[model])}"]
     else:
         overrides += [f"model.name_or_path={base}"]
-    if stage == "selftrain":
-        overrides += [f"data.target={manifests['target']}"]
+    if stage == "selftrain":  # DAFormer's pseudo-label crop (15 and 120 rows of 512) scaled to the crop
+        overrides += [f"data.target={manifests['target']}", f"adapt.pseudo_ignore_top={round(15 * crop[1] / 512)}",
+                      f"adapt.pseudo_ignore_bottom={round(120 * crop[1] / 512)}"]
     return load_config(CONFIGS / RECIPES[stage], overrides)
 
 
