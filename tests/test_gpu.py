@@ -67,9 +67,9 @@ def test_the_training_step_does_not_wait_for_the_gpu(tmp_path, monkeypatch, gpu_
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     if method == "supervised":  # LoRA on labelled frames
         recipe, data = "adapt.yaml", [f"data.train={gta5_manifest}"]
-    else:  # GTA5 source, image-only target
+    else:  # GTA5 source, image-only target, every piece on (colour transfer too)
         recipe, data = "selftrain.yaml", [f"data.train={gta5_manifest}", f"data.target={gpu_base['target']}",
-                                          "data.target_base_size=160x80"]
+                                          "data.target_base_size=160x80", "adapt.colour_transfer=true"]
 
     def run(steps: int):
         cfg = load_config(DEMO / recipe, [*data, f"model.name_or_path={gpu_base['base']}", *SMALL,
@@ -84,3 +84,22 @@ def test_the_training_step_does_not_wait_for_the_gpu(tmp_path, monkeypatch, gpu_
     record = json.loads((tmp_path / f"{method}-9" / "run.json").read_text())
     assert record["step"] == 9 and record["mixed_precision"] == "bf16"
     assert record["config"]["adapt"]["method"] == method
+
+
+def test_classmix_masks_and_the_strong_augmentation_are_made_on_the_gpu_without_a_sync():
+    """The self-training step's per-crop work happens on the device: CUDA reports no sync while it runs."""
+    from segda.methods.dacs import class_mix_masks
+    from segda.methods.photometric import strong_photometric
+
+    labels = torch.randint(0, 19, (8, 512, 512), dtype=torch.uint8, device="cuda")
+    images = torch.randn(8, 3, 512, 512, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    class_mix_masks(labels, generator), strong_photometric(images, torch.Generator().manual_seed(0))  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        masks = class_mix_masks(labels, generator)
+        out = strong_photometric(images, torch.Generator().manual_seed(1))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert masks.device.type == "cuda" and out.device.type == "cuda"
