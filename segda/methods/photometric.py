@@ -87,10 +87,13 @@ def rgb_to_hsv(rgb: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torc
     return hue, saturation, value
 
 
+_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)
+
+
 def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """The inverse of rgb_to_hsv."""
     sector = hue * (3 / math.pi)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=hue.device).view(1, 3, 1, 1) + sector, 6)
+    k = torch.remainder(on_device(_HSV_OFFSETS, hue.device) + sector, 6)  # a constant copied once per device
     return value - value * saturation * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
