@@ -51,6 +51,9 @@ def test_a_finished_run_is_never_replaced_and_overwrite_moves_it_aside(gta5_mani
     assert snapshot(out) == before, "nothing of the finished run was touched"
     ran = segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=2"), "--resume", "auto")
     assert "nothing to resume" in ran.stderr and snapshot(out) == before
+    # a longer run asked of a finished run without checkpoints would start from scratch over it: refused
+    err = refused(*pretrain_args(gta5_manifest, out, "train.max_steps=3", "train.checkpoint_every=0"), "--resume", "auto")
+    assert "no checkpoint to continue" in err and snapshot(out) == before
     segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=1", "train.seed=5"), "--overwrite")
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("p0.old-")]
     assert snapshot(aside) == before, "moved aside whole, never deleted"

@@ -184,7 +184,8 @@ def test_manifests_list_each_frames_classes_as_the_labels_hold_them(gta5_manifes
                     labels[key] = decode_label(tar.extractfile(member).read())
         for (key, _, _), bits in zip(entry["samples"], entry["classes"]):
             counts = np.bincount(labels[key].ravel(), minlength=256)[:NUM_CLASSES]
-            held = {c for c in range(NUM_CLASSES) if counts[c] >= 0.003 * counts.sum() and counts[c] > 0}
+            # DAFormer's rare-class minimum: 3000 pixels of a 1914x1052 GTA5 frame, as a share of labelled pixels
+            held = {c for c in range(NUM_CLASSES) if counts[c] >= 3000 / (1914 * 1052) * counts.sum() and counts[c] > 0}
             assert {c for c in range(NUM_CLASSES) if bits >> c & 1} == held, key
             checked += 1
     assert checked == manifest["num_samples"] > 10
@@ -418,7 +419,9 @@ def test_rare_class_draws_are_cropped_around_their_class_and_repeats_get_new_cro
 
     crops, share = epoch(order)
     _, share_without = epoch(order.__call__)  # the same frames, cropped without knowing the drawn class
-    assert share >= 0.85 and share > share_without + 0.1, (share, share_without)
+    # Not every draw can succeed: a frame holds a class from 3000 px of 2 Mpx (DAFormer's frame minimum), a crop
+    # wants RARE_CLASS_CROP_SHARE of its own pixels, more than some frames hold at the test's 160x88.
+    assert share >= 0.75 and share > share_without + 0.3, (share, share_without)
     seen = {}
     for key, image, _ in crops:
         seen.setdefault(key, []).append(image)
@@ -475,7 +478,7 @@ def test_selftraining_config_errors_name_the_key_and_the_fix():
 
     cases = {("adapt.method=selftrain",): "data.target must name the target's frames",
              ("data.target=shards/cs/train-manifest.json",): "data.target is read only by adapt.method=selftrain",
-             ("adapt.method=selftrain", "data.target=t", "adapt.pseudo_weight=pix"): "adapt.pseudo_weight must be image",
+             ("adapt.method=selftrain", "data.target=t", "adapt.pseudo_weight=pix"): "adapt.pseudo_weight must be batch, image or pixel",
              ("adapt.method=selftrain", "data.target=t", "adapt.save=ema"): "adapt.save must be teacher or student",
              ("adapt.method=selftrian",): "adapt.method must be one of supervised, selftrain",
              ("adapt.method=selftrain", "data.target=t", "adapt.ema_alpha=1"): "adapt.ema_alpha must be in (0, 1)",

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from segda import rundir
 from segda.config import Config
-from segda.log import info
-from segda.train import outputs, setup
+from segda.log import SegdaError, info
+from segda.train import checkpointer, outputs, setup
+from segda.train import resume as resume_policy
 from segda.train.loop import resumed_line, train_loop
 from segda.train.preempt import Preempted, StopSignals
 from segda.train.setup import STAGES
@@ -38,10 +39,12 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     (segda.rundir): `resume` continues the run in it, `overwrite` moves an earlier one aside. `phases`: a
     PhaseClock that keeps every step's host time by phase (segda bench loop)."""
     out = Path(out_dir)
-    finished = _finished_run(out) if resume == "auto" else None
+    finished = _finished_run(out, stage, cfg) if resume == "auto" else None
     if finished is not None:
         info(f"{out} holds a finished {finished.get('stage')} run ({finished.get('step')} steps): nothing to resume")
         return finished
+    if resume:
+        _refuse_restarting_a_finished_run(out, stage)
     # From the first moment: a SIGTERM during start-up is answered at the first step, not by dying.
     signals = StopSignals()
     owner = rundir.claim(out, command=stage, resume=resume, overwrite=overwrite,
@@ -69,10 +72,34 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
             owner.release()
 
 
-def _finished_run(out: Path) -> dict | None:
-    """run.json of a run that ended with status done (resuming it has nothing to do), else None."""
+def _finished_run(out: Path, stage: str, cfg: Config) -> dict | None:
+    """run.json of a run that ended with status done, when resuming it has nothing to do: same stage, same number
+    of processes and the same value of every key a resume reads (segda.train.resume). Else None, and the resume
+    path decides: it continues the run (a larger train.max_steps), refuses what a resume may not change (naming
+    the key), checks the checkpoint and agrees with every rank (a shortcut taken by one node alone would leave the
+    others waiting for it). A finished run with no checkpoint to continue from is refused, never restarted."""
+    summary = _summary(out)
+    if summary is None or summary.get("status") != "done" or summary.get("stage") != stage:
+        return None
+    if summary.get("world_size") != resume_policy.launched_world():
+        return None
+    before, asked = summary.get("config", {}), json.loads(json.dumps(cfg.to_dict()))  # tuples as run.json's lists
+    keys = resume_policy.RESUME_KEYS + resume_policy.ARCHITECTURE_KEYS + resume_policy.TAKE_EFFECT
+    return summary if all(resume_policy.setting(before, k) == resume_policy.setting(asked, k) for k in keys) else None
+
+
+def _refuse_restarting_a_finished_run(out: Path, stage: str) -> None:
+    summary = _summary(out)
+    if summary is not None and summary.get("status") == "done" and not checkpointer.list_checkpoints(out):
+        raise SegdaError(f"{out} holds a finished {summary.get('stage')} run ({summary.get('step')} steps) with no "
+                         f"checkpoint to continue {stage} from: give the settings it ran with to see that it is "
+                         "done, write elsewhere with another --out, or move it aside with --overwrite")
+
+
+def _summary(out: Path) -> dict | None:
     try:
         summary = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) and summary.get("status") == "done" else None
+    return summary if isinstance(summary, dict) else None
+

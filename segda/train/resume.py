@@ -49,9 +49,9 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -
             continue  # read only by self-training (a supervised run's old value, if any, meant nothing)
         if key.startswith("lora.") and stage != "adapt":
             continue
-        old, new = _get(before, key), _get(cfg.to_dict(), key)
+        old, new = setting(before, key), setting(cfg.to_dict(), key)
         if old is None:  # a key newer than the checkpoint: it was running with that key's default
-            old = _get(Config().to_dict(), key)
+            old = setting(Config().to_dict(), key)
         old = old_size_list(key.rsplit(".", 1)[-1], old) or old  # a checkpoint of segda < 0.3: sizes were lists
         if old != new:
             why = "it decides which samples and crops come next" if key in RESUME_KEYS else \
@@ -60,7 +60,7 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -
                              f"({why}), or start a new run with another --out")
     _adjust_batch(saved, cfg, path, world=world)
     for key in TAKE_EFFECT:
-        old, new = _get(before, key), _get(cfg.to_dict(), key)
+        old, new = setting(before, key), setting(cfg.to_dict(), key)
         if old is not None and old != new:
             info(f"{key} was {old!r} in {path}, now {new!r}: the new value takes effect from step "
                  f"{saved['step'] + 1}")
@@ -78,7 +78,7 @@ def check_base(saved: dict, base_fingerprint: str | None, path) -> None:
 
 def _adjust_batch(saved: dict, cfg: Config, path, *, world: int) -> None:
     old_world = saved.get("world_size", world)
-    old_accum = _get(saved.get("config", {}), "train.grad_accum") or cfg.train.grad_accum
+    old_accum = setting(saved.get("config", {}), "train.grad_accum") or cfg.train.grad_accum
     batch = cfg.data.batch_size
     global_batch = batch * old_world * old_accum
     if cfg.train.on_world_change == "keep_per_rank_batch":
@@ -103,6 +103,7 @@ def _adjust_batch(saved: dict, cfg: Config, path, *, world: int) -> None:
     cfg.train.grad_accum = accum
 
 
-def _get(config: dict, key: str):
+def setting(config: dict, key: str):
+    """The value of a key such as `data.batch_size` in a config dict; None where it is missing."""
     section, name = key.split(".")
     return config.get(section, {}).get(name)
