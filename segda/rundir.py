@@ -5,7 +5,9 @@ a folder that already holds a run is never written over by accident.
         ...  # train; the lock goes with the process, however it ends (kill -9 included)
 
 - A folder whose lock another live process holds is refused, naming that process (two trainers on one --out).
-  The lock is the kernel's (flock): a process that died, however, left no lock behind.
+  The lock is the kernel's: a process that died, however, left no lock behind. It is a POSIX record lock
+  (`lockf`), which belongs to the process alone: a DataLoader worker forked from a trainer killed with -9 lives on
+  for a while, and with `flock` it would have kept the folder locked (the lock of an inherited descriptor).
 - A folder that holds a finished, failed or interrupted run (run.json, a model, an adapter, checkpoints, a
   report) is refused unless the command says what to do with it: `--resume auto` continues it, `--overwrite`
   moves it aside to NAME.old-YYYYmmdd-HHMMSS (never deleted), or another --out.
@@ -38,8 +40,8 @@ class Owner:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             holder = _describe(fd)
             os.close(fd)
             raise SegdaError(f"{self.folder} is being written by {holder}: wait for it to finish, stop it, or choose "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -82,6 +83,28 @@ def test_a_second_trainer_on_a_folder_in_use_is_refused_and_a_dead_owner_leaves_
         holder.wait()
     segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=1"), "--resume", "auto")
     assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
+def test_the_lock_goes_with_its_owner_not_with_the_workers_it_forked(tmp_path):
+    """A trainer killed with -9 leaves DataLoader workers behind for a while; they must not keep its folder."""
+    code = ("import os, sys, time; from segda.rundir import Owner; from pathlib import Path; "
+            "Owner(Path(sys.argv[1]), 'pretrain').acquire(); child = os.fork(); "
+            "print('held', child or os.getpid(), flush=True) if child else None; time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env=cpu_env())
+    from segda.log import SegdaError
+    from segda.rundir import Owner
+
+    _, worker = proc.stdout.readline().split()
+    try:
+        with pytest.raises(SegdaError, match="being written by segda pretrain"):
+            Owner(tmp_path, "adapt").acquire()
+        proc.kill()
+        proc.wait()
+        os.kill(int(worker), 0)  # the forked worker still lives
+        Owner(tmp_path, "adapt").acquire().release()  # and the folder is free at once
+    finally:
+        os.kill(int(worker), signal.SIGKILL)
 
 
 def test_demo_refuses_a_folder_that_holds_a_study(tmp_path):

@@ -1,8 +1,8 @@
 """The procedural street scene behind `segda synth`: one pinhole-camera view of a street (road with lanes,
 sidewalks, facades, vegetation, poles, lights, signs, vehicles, people) drawn with cv2 into the image and the label
-with the same polygons, so the label is exact. Two styles, GTA5's and Cityscapes' (`target_style(gap)`), differ in
-class colours, lighting, texture, noise, blur, vignetting, camera and object statistics. `segda.shards.synth`
-writes the scenes in each dataset's raw layout.
+with the same polygons, so the label is exact. A `_Style` holds what differs between domains: class colours,
+texture, noise, blur, vignetting, camera and object statistics; GTA5's is `_GTA5`, Cityscapes' is made by
+`segda.shards.looks.target_style(gap)`. `segda.shards.synth` writes the scenes in each dataset's raw layout.
 """
 
 from __future__ import annotations
@@ -67,40 +67,12 @@ class _Style:
 _GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, 0.0)
 _CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, 1.0)
 
-DEFAULT_GAP = 0.75
-"""How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look; 1 is the camera's full look (duller,
-darker colours; texture, colour cast, vignetting, blur and sensor noise at full strength; the other camera, traffic
-and crowds). At 0.75 a model trained on GTA5 alone scores about half of one trained on Cityscapes on Cityscapes
-(measured by `segda demo --oracle`: README, "Quickstart"), as source-only SegFormer does on the real pair."""
-DESATURATION, DARKENING = 0.6, 0.25
-"""At gap 1 every class colour keeps 40% of its saturation and 75% of its brightness: a camera's dull colours
-against a game's vivid ones. Classes keep their own hues (no class takes another's colour), so the source model
-is wrong where appearance misleads it, not everywhere one colour was swapped for another."""
-
-
 def _between(a, b, t: float):
     """a at t=0, b at t=1: numbers and (low, high) ranges alike; counts stay whole."""
     if isinstance(a, tuple):
         return tuple(_between(x, y, t) for x, y in zip(a, b))
     value = a + (b - a) * t
     return int(round(value)) if isinstance(a, int) and isinstance(b, int) else value
-
-
-def _camera_colour(colour: tuple, gap: float) -> tuple:
-    c = np.asarray(colour, np.float64)
-    grey = c.mean()
-    c = (grey + (c - grey) * (1 - DESATURATION * gap)) * (1 - DARKENING * gap)
-    return tuple(int(round(v)) for v in np.clip(c, 0, 255))
-
-
-def target_style(gap: float) -> _Style:
-    """The Cityscapes look `gap` of the way from GTA5's: the game's class colours as a camera renders them, and the
-    camera, traffic, crowds and photo effects of the city style."""
-    if not 0.0 <= gap <= 1.0:
-        raise ValueError(f"gap must be between 0 and 1, got {gap}")
-    colours = {k: [_camera_colour(c, gap) for c in v] for k, v in _GTA5_COLOURS.items()}
-    rest = [_between(getattr(_GTA5, f), getattr(_CITY, f), gap) for f in list(_Style.__dataclass_fields__)[1:]]
-    return _Style(colours, *rest)
 
 
 # (width, height, length, glass band as fractions of the height, wheel radius), metres.

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from segda import atomic
 from segda.classes import (ACDC_CONDITIONS, IGNORE, NUM_CLASSES, SYNTHIA_TO_TRAIN_ID, label_id_lut,
                            label_id_palette)
-from segda.shards.scene import DEFAULT_GAP, _CITY, _GTA5, _render, target_style
+from segda.shards.looks import DEFAULT_GAP, target_style
+from segda.shards.scene import _CITY, _GTA5, _render
 
 CITIES = {"train": ("aachen", "bochum", "bremen"), "val": ("frankfurt", "lindau", "munster"),
           "test": ("berlin", "bielefeld")}

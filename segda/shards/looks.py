@@ -1,0 +1,69 @@
+"""How synthetic Cityscapes looks next to synthetic GTA5: `target_style(gap)`.
+
+The target look has two parts, both scaled by `gap`:
+
+- **The camera** (global): every colour duller and darker, plus the photo effects, the other camera, traffic and
+  crowds of the city style. One colour statistic of a frame describes this part, so test-time colour matching
+  (`segda evaluate --colour-match`) and colour transfer during training undo most of it.
+- **The materials** (class by class): each material's colour turns by its own angle around the grey axis and
+  changes its own brightness (`MATERIAL_SHIFTS`): in the city, asphalt is warmer, foliage bluer, facades cooler
+  than in the game, each by a different amount and in its own direction. No map applied to a whole frame undoes
+  this (`tests/test_synth.py` fits the best affine colour map and checks what is left); a model learns it only
+  from target frames, which is what self-training's pseudo-labels give it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segda.shards.scene import _CITY, _GTA5, _GTA5_COLOURS, _Style, _between
+
+DEFAULT_GAP = 0.75
+"""How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look, 1 the full shift (camera and
+materials, module docstring). Measured by `segda demo --oracle` (README, "The synthetic gap")."""
+DESATURATION, DARKENING = 0.6, 0.25
+"""The camera at gap 1: every colour keeps 40% of its saturation and 75% of its brightness."""
+HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (25.0, 50.0), 0.2
+"""The materials at gap 1: each turns by 25-50 degrees around the grey axis, clockwise or not, and changes its
+brightness by up to 20% either way."""
+
+
+def _material_shifts() -> dict[str, tuple[float, float]]:
+    """(hue turn in degrees, brightness factor) per material at gap 1, fixed for every release: drawn once from a
+    seeded generator in name order, directions alternating so that the frame's mean hue barely moves (a global
+    statistic sees little of this part)."""
+    rng = np.random.default_rng(20261205)
+    shifts = {}
+    for i, name in enumerate(sorted(_GTA5_COLOURS)):
+        turn = rng.uniform(*HUE_TURN_DEGREES) * (1 if i % 2 else -1)
+        shifts[name] = (turn, 1 + rng.uniform(-BRIGHTNESS_CHANGE, BRIGHTNESS_CHANGE))
+    return shifts
+
+
+MATERIAL_SHIFTS = _material_shifts()
+
+
+def _turn(colour: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate an RGB colour around the grey axis (Rodrigues): its hue moves, its grey level and saturation stay."""
+    k = np.ones(3) / np.sqrt(3)
+    t = np.radians(degrees)
+    return colour * np.cos(t) + np.cross(k, colour) * np.sin(t) + k * (k @ colour) * (1 - np.cos(t))
+
+
+def _city_colour(material: str, colour: tuple, gap: float) -> tuple:
+    c = np.asarray(colour, np.float64)
+    turn, brightness = MATERIAL_SHIFTS[material]
+    c = _turn(c, turn * gap) * (1 + (brightness - 1) * gap)  # the material
+    grey = c.mean()
+    c = (grey + (c - grey) * (1 - DESATURATION * gap)) * (1 - DARKENING * gap)  # the camera
+    return tuple(int(round(v)) for v in np.clip(c, 0, 255))
+
+
+def target_style(gap: float) -> _Style:
+    """The Cityscapes look `gap` of the way from GTA5's: the game's materials as the city has them and a camera
+    renders them, with the camera, traffic, crowds and photo effects of the city style."""
+    if not 0.0 <= gap <= 1.0:
+        raise ValueError(f"gap must be between 0 and 1, got {gap}")
+    colours = {k: [_city_colour(k, c, gap) for c in v] for k, v in _GTA5_COLOURS.items()}
+    rest = [_between(getattr(_GTA5, f), getattr(_CITY, f), gap) for f in list(_Style.__dataclass_fields__)[1:]]
+    return _Style(colours, *rest)
