@@ -162,12 +162,20 @@ def _add_demo(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (numbers meaningless)")
     p.add_argument("--overwrite", action="store_true",
                    help="--out holds an earlier study: move it aside to OUT.old-DATE (never deleted) and start anew")
+    p.add_argument("--summarize", nargs="+", metavar="DIR", default=None,
+                   help="train nothing: print the studies in these folders (one per seed) as one table, mean ± "
+                        "standard error, with the per-class changes self-training and its pseudo-labels bring")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from segda.demo import SMOKE, DemoSize, run_demo
 
+    if args.summarize:
+        from segda.demo_summary import load_reports, summarize
+
+        print(summarize(load_reports(args.summarize)))
+        return 0
     run_demo(args.out, args.processes, args.oracle, args.seed, SMOKE if args.smoke else DemoSize(),
              overwrite=args.overwrite)
     return 0

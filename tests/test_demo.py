@@ -41,3 +41,27 @@ def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
     target = json.loads(open(uda["config"]["data"]["target"]).read())
     assert target["dataset"] == "images" and target["labeled"] is False, "no target label reaches self-training"
     assert "| source+uda |" in proc.stdout and "| source+lora |" in proc.stdout and (out / "report.md").is_file()
+
+
+def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_path):
+    """Two studies written as `segda demo` writes report.json; the table's figures checked by hand."""
+    from segda.classes import CLASS_NAMES
+
+    def study(name, seed, target_miou, road):
+        pairs = [{"model": m, "data": d, "miou": (target_miou[m] if d == "cityscapes-val" else 0.5),
+                  "iou": {c: (road[m] if c == "road" else 0.0) for c in CLASS_NAMES}}
+                 for m in target_miou for d in ("gta5-val", "cityscapes-val")]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(
+            {"pairs": pairs, "class_names": list(CLASS_NAMES), "extra": {"seed": seed}}))
+
+    rows = ("source", "source+uda-nopseudo", "source+uda", "source+lora")
+    study("a", 0, dict(zip(rows, (0.10, 0.14, 0.16, 0.30))), dict(zip(rows, (0.2, 0.3, 0.5, 0.9))))
+    study("b", 1, dict(zip(rows, (0.12, 0.15, 0.20, 0.32))), dict(zip(rows, (0.2, 0.3, 0.4, 0.9))))
+    proc = segda("demo", "--summarize", tmp_path / "a", tmp_path / "b")
+    out = proc.stdout
+    assert "over 2 studies (seeds 0, 1)" in out
+    assert "| source+uda | 50.0 ± 0.0 | 18.0 ± 2.0 | 35 ± 5 % |" in out  # shares 6/20 and 8/20
+    assert "| road | 15.0 ± 5.0 | 25.0 ± 5.0 |" in out  # pseudo-labels 20 and 10; self-training 30 and 20
+    err = segda("demo", "--summarize", tmp_path / "a", tmp_path / "nothing", check=False).stderr
+    assert "nothing/report.json" in err and "segda demo" in err

@@ -2,30 +2,34 @@
 
 The target look has two parts, both scaled by `gap`:
 
-- **The camera** (global): every colour duller and darker, plus the photo effects, the other camera, traffic and
+- **The camera** (global, mild): every colour duller and darker, plus the photo effects, the other camera, traffic and
   crowds of the city style. One colour statistic of a frame describes this part, so test-time colour matching
   (`segda evaluate --colour-match`) and colour transfer during training undo most of it.
 - **The materials** (class by class): each material's colour turns by its own angle around the grey axis and
   changes its own brightness (`MATERIAL_SHIFTS`): in the city, asphalt is warmer, foliage bluer, facades cooler
   than in the game, each by a different amount and in its own direction. No map applied to a whole frame undoes
   this (`tests/test_synth.py` fits the best affine colour map and checks what is left); a model learns it only
-  from target frames, which is what self-training's pseudo-labels give it.
+  from target frames, which is what self-training's pseudo-labels give it. A third of each material's instances
+  keep the game's colour (`SOURCE_LIKE_SHARE`), so the source model is partly right on every class.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from segda.shards.scene import _CITY, _GTA5, _GTA5_COLOURS, _Style, _between
+from segda.shards.scene import _CITY, _GTA5, _GTA5_COLOURS, _Style
 
 DEFAULT_GAP = 0.75
 """How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look, 1 the full shift (camera and
 materials, module docstring). Measured by `segda demo --oracle` (README, "The synthetic gap")."""
-DESATURATION, DARKENING = 0.6, 0.25
-"""The camera at gap 1: every colour keeps 40% of its saturation and 75% of its brightness."""
-HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (25.0, 50.0), 0.2
-"""The materials at gap 1: each turns by 25-50 degrees around the grey axis, clockwise or not, and changes its
-brightness by up to 20% either way."""
+DESATURATION, DARKENING = 0.35, 0.15
+"""The camera at gap 1 (mild): every colour keeps 65% of its saturation and 85% of its brightness."""
+HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (60.0, 120.0), 0.35
+"""The materials at gap 1: each turns by 60-120 degrees around the grey axis, clockwise or not, and changes its
+brightness by up to 35% either way."""
+SOURCE_LIKE_SHARE = 1 / 3
+"""The share of each material's instances (a car, a facade, a frame's road) that keeps the game's colour under the
+camera: the source model is right on those, so the teacher is right but unsure on the class rather than wrong."""
 
 
 def _material_shifts() -> dict[str, tuple[float, float]]:
@@ -51,12 +55,24 @@ def _turn(colour: np.ndarray, degrees: float) -> np.ndarray:
 
 
 def _city_colour(material: str, colour: tuple, gap: float) -> tuple:
-    c = np.asarray(colour, np.float64)
+    """The material as the city has it (its own turn and brightness), then as the camera renders it."""
     turn, brightness = MATERIAL_SHIFTS[material]
-    c = _turn(c, turn * gap) * (1 + (brightness - 1) * gap)  # the material
+    return _camera_colour(_turn(np.asarray(colour, np.float64), turn * gap) * (1 + (brightness - 1) * gap), gap)
+
+
+def _camera_colour(colour, gap: float) -> tuple:
+    c = np.asarray(colour, np.float64)
     grey = c.mean()
-    c = (grey + (c - grey) * (1 - DESATURATION * gap)) * (1 - DARKENING * gap)  # the camera
+    c = (grey + (c - grey) * (1 - DESATURATION * gap)) * (1 - DARKENING * gap)
     return tuple(int(round(v)) for v in np.clip(c, 0, 255))
+
+
+def _between(a, b, t: float):
+    """a at t=0, b at t=1: numbers and (low, high) ranges alike; counts stay whole."""
+    if isinstance(a, tuple):
+        return tuple(_between(x, y, t) for x, y in zip(a, b))
+    value = a + (b - a) * t
+    return int(round(value)) if isinstance(a, int) and isinstance(b, int) else value
 
 
 def target_style(gap: float) -> _Style:
@@ -64,6 +80,10 @@ def target_style(gap: float) -> _Style:
     renders them, with the camera, traffic, crowds and photo effects of the city style."""
     if not 0.0 <= gap <= 1.0:
         raise ValueError(f"gap must be between 0 and 1, got {gap}")
-    colours = {k: [_city_colour(k, c, gap) for c in v] for k, v in _GTA5_COLOURS.items()}
+    if gap == 0.0:
+        return _GTA5
+    # Each instance draws one colour of its material's list: two shifted entries for each source-like one.
+    colours = {k: [_city_colour(k, c, gap) for c in v] * 2 + [_camera_colour(c, gap) for c in v]
+               for k, v in _GTA5_COLOURS.items()}
     rest = [_between(getattr(_GTA5, f), getattr(_CITY, f), gap) for f in list(_Style.__dataclass_fields__)[1:]]
     return _Style(colours, *rest)

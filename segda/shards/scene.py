@@ -19,9 +19,8 @@ import numpy as np
     0, 1, 4, 6, 7, 8, 9, 10, 11, 12, 13, 14, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 31, 32, 33)
 
 _LAMPS = [(255, 40, 30), (255, 190, 0), (40, 255, 90)]
-# Class colours per domain (variants per class, plus per-instance jitter). The Cityscapes ones are shifted on
-# purpose (its sidewalk looks like GTA5's road, its sky like GTA5's sidewalk, its road like GTA5's poles, its
-# vegetation olive instead of green) so a colour-only model fails across domains yet each stays separable.
+# Class colours (variants per class, plus per-instance jitter). Synthetic Cityscapes derives its own from GTA5's
+# (segda.shards.looks); the second table, a swapped palette, serves the other camera-styled sets (ACDC, folder).
 _GTA5_COLOURS = {
     "sky": [(90, 165, 245)], "road": [(125, 100, 145)], "lane": [(250, 250, 250)], "curb": [(235, 235, 240)],
     "sidewalk": [(195, 198, 210)], "building": [(225, 195, 135), (210, 120, 80), (240, 220, 170), (230, 160, 105)],
@@ -66,14 +65,6 @@ class _Style:
 
 _GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, 0.0)
 _CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, 1.0)
-
-def _between(a, b, t: float):
-    """a at t=0, b at t=1: numbers and (low, high) ranges alike; counts stay whole."""
-    if isinstance(a, tuple):
-        return tuple(_between(x, y, t) for x, y in zip(a, b))
-    value = a + (b - a) * t
-    return int(round(value)) if isinstance(a, int) and isinstance(b, int) else value
-
 
 # (width, height, length, glass band as fractions of the height, wheel radius), metres.
 _VEHICLES = {"car": (1.8, 1.5, 4.3, (0.6, 0.92), 0.32), "truck": (2.5, 3.6, 8.0, (0.0, 0.0), 0.5),
