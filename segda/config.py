@@ -286,8 +286,8 @@ class AdaptConfig:
     colour_transfer: bool = False
     """selftrain: each labelled source crop takes the colour statistics (mean and spread of luma and chroma, the
     spread scaled 0.25-4x at most) of the target crop it is mixed into, before both losses (Reinhard et al.'s
-    transfer; no label is read): the source loss then teaches the target's colours. Off in DAFormer; the demo
-    recipe turns it on (measured in the README)."""
+    transfer; no label is read): the source loss then teaches the target's colours. Off in DAFormer and in both
+    recipes: the demo's `source+colour` row measures what colour alone gives."""
     save: str = "student"
     """selftrain: which adapter RUN_DIR/adapter holds, student or teacher (the EMA); the other goes to
     RUN_DIR/adapter-<other>. The two were within 0.6 points in every demo run measured, the student ahead in all

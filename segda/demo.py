@@ -50,8 +50,8 @@ class DemoSize:
     adapt_steps: int = 150
     uda_steps: int = 900
     model_config: str = "{hidden_sizes: [16, 32, 80, 128], decoder_hidden_size: 128}"
-    """SegformerConfig overrides for the random-init model ({} = MiT-b0 shape). The default halves MiT-b0's widths
-    past the first stage (0.95 M weights, 2.5x faster on a CPU), so the whole study fits a coffee break."""
+    """SegformerConfig overrides for the random-init model ({} = MiT-b0 shape). The default halves every MiT-b0
+    width (32/64/160/256 -> 16/32/80/128, decoder 256 -> 128: 0.95 M weights), so the study fits a coffee break."""
     crop: tuple[int, int] = (96, 96)
     """Training crop of every stage (the recipes' 128x128 on a GPU-sized run)."""
     uda_batch: int = 2
@@ -67,12 +67,14 @@ DAFORMER_PSEUDO_ROWS = (15, 120, 512)
 """DAFormer ignores the top 15 and bottom 120 rows of a 512-row Cityscapes crop's pseudo-label (the ego car)."""
 
 
-def mixed_precision() -> str:
-    """bf16 where it pays (a GPU, or a CPU with native bf16: AMX/AVX-512-BF16), else fp32: on an AVX2-only CPU
-    bf16 autocast runs 13x slower than fp32 (README, "Measured")."""
+def mixed_precision(cpu: bool = False) -> str:
+    """bf16 where it pays: a GPU (unless `cpu`: the stages run on CPU processes), or a CPU with native bf16
+    (AVX512-BF16 or AMX). Elsewhere fp32: on an AVX2-only CPU bf16 autocast runs 13x slower (README, `segda demo`)."""
     import torch
 
-    return "bf16" if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "no"
+    if torch.cuda.is_available() and not cpu:
+        return "bf16"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 
 
 def _pseudo_rows(crop_height: int) -> list[str]:
@@ -113,7 +115,8 @@ def _train(stage: str, config: str, run: Path, steps: int, processes: int, overr
             "--set", *overrides]
     if processes > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--mixed_precision", mixed_precision(), "--dynamo_backend", "no",
+               str(processes), "--num_machines", "1", "--mixed_precision", mixed_precision(cpu=True),
+               "--dynamo_backend", "no",
                "--main_process_port", "0", *args]
         env = {"ACCELERATE_USE_CPU": "1"}
     else:

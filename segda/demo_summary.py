@@ -39,7 +39,11 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+def _fmt(values: list, scale: float = 100.0, digits: int = 1) -> str:
+    """mean ± standard error of the values that exist (a class no model saw nor predicted has no IoU: None)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     mean, se = mean_se([v * scale for v in values])
     return f"{mean:.{digits}f} ± {se:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
@@ -61,15 +65,24 @@ def summarize(reports: list[dict]) -> str:
         cells = [_fmt([t[(model, d)]["miou"] for t in pairs]) for d in datasets]
         share = ""
         if have_gain and (model, TARGET) in pairs[0]:
-            shares = [(t[(model, TARGET)]["miou"] - t[("source", TARGET)]["miou"]) /
-                      (t[("source+lora", TARGET)]["miou"] - t[("source", TARGET)]["miou"]) for t in pairs]
-            share = _fmt(shares, 100.0, 0) + " %"
+            shares = [_share(t[(model, TARGET)]["miou"], t[("source", TARGET)]["miou"],
+                             t[("source+lora", TARGET)]["miou"]) for t in pairs]
+            share = _fmt(shares, 100.0, 0) + (" %" if any(v is not None for v in shares) else "")
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {share} |")
     if all((m, TARGET) in pairs[0] for m in ("source", "source+uda", "source+uda-nopseudo")):
         lines += ["", f"IoU change per class on {TARGET} (points, mean over the studies)", "",
                   "| class | pseudo-labels: uda - uda-nopseudo | self-training: uda - source |", "|---|---:|---:|"]
         for name in reports[0]["class_names"]:
-            iou = lambda t, m: t[(m, TARGET)]["iou"][name]  # noqa: E731
-            lines.append(f"| {name} | " + _fmt([iou(t, "source+uda") - iou(t, "source+uda-nopseudo") for t in pairs])
-                         + " | " + _fmt([iou(t, "source+uda") - iou(t, "source") for t in pairs]) + " |")
+            change = lambda t, a, b: _minus(t[(a, TARGET)]["iou"].get(name), t[(b, TARGET)]["iou"].get(name))  # noqa: E731
+            lines.append(f"| {name} | " + _fmt([change(t, "source+uda", "source+uda-nopseudo") for t in pairs])
+                         + " | " + _fmt([change(t, "source+uda", "source") for t in pairs]) + " |")
     return "\n".join(lines)
+
+
+def _share(model: float, source: float, labelled: float) -> float | None:
+    """The share of the labelled adapter's gain a model recovers; None where that gain is zero."""
+    return None if labelled == source else (model - source) / (labelled - source)
+
+
+def _minus(a, b):
+    return None if a is None or b is None else a - b

@@ -15,6 +15,7 @@ a folder that already holds a run is never written over by accident.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -30,6 +31,15 @@ STUDY_MARKERS = ("report.json", "runs", "shards", "raw")
 """What makes a folder hold a training run, or a `segda demo` study."""
 
 
+_HELD: dict[tuple[int, int], str] = {}
+"""The lock files this process holds, by (device, inode): what they are held for."""
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 class Owner:
     """The lock of one folder, held until `release` or the end of the process."""
 
@@ -38,10 +48,20 @@ class Owner:
 
     def acquire(self) -> "Owner":
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.folder / LOCK
+        # A POSIX lock does not refuse its own process, and closing any descriptor of the file drops it: a second
+        # claim from this process is refused before the file is opened again.
+        if path.exists() and _file_id(path) in _HELD:
+            raise SegdaError(f"{self.folder} is already being written by this process ({_HELD[_file_id(path)]}): "
+                             "choose another --out")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: held by another process
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise SegdaError(f"cannot lock {path}: {err.strerror} (a filesystem without locks?); choose an --out "
+                                 "on a local disk or a filesystem with locking") from None
             holder = _describe(fd)
             os.close(fd)
             raise SegdaError(f"{self.folder} is being written by {holder}: wait for it to finish, stop it, or choose "
@@ -49,11 +69,13 @@ class Owner:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        self._fd = fd
+        self._fd, self._id = fd, _file_id(path)
+        _HELD[self._id] = f"segda {self.command}"
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.pop(self._id, None)
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
 
@@ -69,13 +91,17 @@ def holds(folder: Path, markers=RUN_MARKERS) -> list[str]:
     return [m for m in markers if (folder / m).exists() or (m == "adapter" and any(folder.glob("adapter-*")))]
 
 
+def check_flags(resume: str | None, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise SegdaError("--resume continues the run in --out and --overwrite moves it aside: give one of them")
+
+
 def claim(folder: str | Path, *, command: str, resume: str | None, overwrite: bool, is_main: bool = True,
           markers=RUN_MARKERS) -> Owner | None:
     """Check that `folder` may be written (module docstring) and, on the main process, take its lock; other
     processes of the same run only check (they refuse what the main process refuses). Returns the lock held."""
     folder = Path(folder)
-    if resume and overwrite:
-        raise SegdaError("--resume continues the run in --out and --overwrite moves it aside: give one of them")
+    check_flags(resume, overwrite)
     found = holds(folder, markers) if folder.is_dir() else []
     if found and not resume and not overwrite:
         raise SegdaError(f"{folder} already holds a run ({', '.join(found)}): continue it with --resume auto, "

@@ -29,7 +29,7 @@ def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
     assert extra["processes"] == 2
     for stage in ("source", "lora", "uda", "uda-nopseudo"):
         run = json.loads((out / "runs" / stage / "run.json").read_text())
-        assert run["world_size"] == 2 and run["mixed_precision"] == mixed_precision()
+        assert run["world_size"] == 2 and run["mixed_precision"] == mixed_precision(cpu=True)
     uda = json.loads((out / "runs" / "uda" / "run.json").read_text())
     assert uda["config"]["adapt"]["method"] == "selftrain" and uda["replicas_identical"] is True
     nopseudo = json.loads((out / "runs" / "uda-nopseudo" / "run.json").read_text())["config"]["adapt"]
@@ -63,5 +63,12 @@ def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_
     assert "over 2 studies (seeds 0, 1)" in out
     assert "| source+uda | 50.0 ± 0.0 | 18.0 ± 2.0 | 35 ± 5 % |" in out  # shares 6/20 and 8/20
     assert "| road | 15.0 ± 5.0 | 25.0 ± 5.0 |" in out  # pseudo-labels 20 and 10; self-training 30 and 20
+    # a class no model saw nor predicted has no IoU (None in report.json); a study whose adapter gained nothing
+    (tmp_path / "a" / "report.json").write_text((tmp_path / "a" / "report.json").read_text().replace(
+        '"sky": 0.0', '"sky": null'))
+    study("c", 2, dict(zip(rows, (0.10, 0.14, 0.16, 0.10))), dict(zip(rows, (0.2, 0.3, 0.5, 0.9))))
+    out = segda("demo", "--summarize", tmp_path / "a", tmp_path / "c").stdout
+    assert "| sky | 0.0 | 0.0 |" in out, out  # study a has no sky IoU: one value left, no ±
+    assert "| source+uda | 50.0 ± 0.0 | 16.0 ± 0.0 | 30 % |" in out, out  # study c's share is undefined
     err = segda("demo", "--summarize", tmp_path / "a", tmp_path / "nothing", check=False).stderr
     assert "nothing/report.json" in err and "segda demo" in err

@@ -249,7 +249,9 @@ def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(t
                   "--num_processes", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no"]
         resume = ["train.on_world_change=keep_per_rank_batch", "--out", str(out), "--resume", "auto"]
-        procs.append(subprocess.Popen(launch + ["-m", "segda", *cmd, *resume],
+        # the same 4 steps would find a finished run (nothing to do): ask for more, from the step-2 checkpoint
+        longer = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=64x64", max_steps=6)
+        procs.append(subprocess.Popen(launch + ["-m", "segda", *longer, *resume],
                                       env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode != 0 for p in procs)

@@ -38,7 +38,11 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 out.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
-    return {m for m in out if m in modules and m != name}
+    # importing a.b.c runs a/__init__ and a/b/__init__ first: those are imported too (except this module's own
+    # packages, which Python has already started by the time this module runs)
+    own = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    out |= {".".join(m.split(".")[:i]) for m in list(out) for i in range(2, m.count(".") + 1)}
+    return {m for m in out if m in modules and m != name and m not in own}
 
 
 def test_no_module_is_over_400_lines():
@@ -73,4 +77,14 @@ def test_training_imports_no_benchmark_or_test_code_and_the_old_modules_are_gone
             "print(sorted(m for m in sys.modules if m.startswith(('segda.bench', 'servers', 'helpers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env(), check=True)
     assert out.stdout.strip() == "[]", out.stdout
+    # and not later either: no import the training code can reach, inside functions included, leads to segda.bench
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    reached, todo = set(), ["segda.train", "segda.methods", "segda.data"]
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    assert not {m for m in reached if m.startswith("segda.bench")}, sorted(reached)
     assert not (SEGDA / "loopback.py").exists() and not (SEGDA / "data" / "keepalive.py").exists()

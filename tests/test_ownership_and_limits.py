@@ -52,6 +52,13 @@ def test_a_finished_run_is_never_replaced_and_overwrite_moves_it_aside(gta5_mani
     assert snapshot(out) == before, "nothing of the finished run was touched"
     ran = segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=2"), "--resume", "auto")
     assert "nothing to resume" in ran.stderr and snapshot(out) == before
+    ran = segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=1"), "--resume", "auto")  # fewer steps
+    assert "nothing to resume" in ran.stderr and snapshot(out) == before
+    err = refused(*pretrain_args(gta5_manifest, out, "train.max_steps=2", "train.seed=5"), "--resume", "auto")
+    assert "train.seed was 0" in err and snapshot(out) == before
+    err = refused("adapt", DEMO / "adapt.yaml", "--out", out, "--resume", "auto", "--set",
+                  f"data.train={gta5_manifest}", f"model.name_or_path={out / 'model'}")
+    assert "resume it with `segda pretrain`" in err and snapshot(out) == before
     # a longer run asked of a finished run without checkpoints would start from scratch over it: refused
     err = refused(*pretrain_args(gta5_manifest, out, "train.max_steps=3", "train.checkpoint_every=0"), "--resume", "auto")
     assert "no checkpoint to continue" in err and snapshot(out) == before
@@ -105,6 +112,11 @@ def test_the_lock_goes_with_its_owner_not_with_the_workers_it_forked(tmp_path):
         Owner(tmp_path, "adapt").acquire().release()  # and the folder is free at once
     finally:
         os.kill(int(worker), signal.SIGKILL)
+    # A POSIX lock never refuses its own process: a second claim from it is refused by segda itself.
+    held = Owner(tmp_path, "adapt").acquire()
+    with pytest.raises(SegdaError, match="already being written by this process"):
+        Owner(tmp_path, "pretrain").acquire()
+    held.release()
 
 
 def test_demo_refuses_a_folder_that_holds_a_study(tmp_path):

@@ -221,7 +221,7 @@ def test_a_new_run_refuses_an_out_dir_with_old_checkpoints_and_resume_refuses_ch
     assert proc.returncode == 2 and "data.batch_size" in proc.stderr
     proc = segda("adapt", DEMO / "adapt.yaml", "--out", run, "--max-steps", 4, "--resume", "auto",
                  *common(gta5_manifest, f"model.name_or_path={pretrained / 'model'}"), check=False)
-    assert proc.returncode == 2 and "pretrain checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "resume it with `segda pretrain`" in proc.stderr
 
 
 def test_models_for_another_class_set_are_refused(tmp_path):

@@ -6,8 +6,8 @@ The target look has two parts, both scaled by `gap`:
   crowds of the city style. One colour statistic of a frame describes this part, so test-time colour matching
   (`segda evaluate --colour-match`) and colour transfer during training undo most of it.
 - **The materials** (class by class): each material's colour turns by its own angle around the grey axis and
-  changes its own brightness (`MATERIAL_SHIFTS`): in the city, asphalt is warmer, foliage bluer, facades cooler
-  than in the game, each by a different amount and in its own direction. No map applied to a whole frame undoes
+  changes its own brightness (`MATERIAL_SHIFTS`): asphalt, foliage, facades, sky and car paint each change
+  hue by a different amount and in its own direction. No map applied to a whole frame undoes
   this (`tests/test_synth.py` fits the best affine colour map and checks what is left); a model learns it only
   from target frames, which is what self-training's pseudo-labels give it. A third of each material's instances
   keep the game's colour (`SOURCE_LIKE_SHARE`), so the source model is partly right on every class.

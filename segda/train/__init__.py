@@ -39,12 +39,11 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
     (segda.rundir): `resume` continues the run in it, `overwrite` moves an earlier one aside. `phases`: a
     PhaseClock that keeps every step's host time by phase (segda bench loop)."""
     out = Path(out_dir)
+    rundir.check_flags(resume, overwrite)
     finished = _finished_run(out, stage, cfg) if resume == "auto" else None
     if finished is not None:
-        info(f"{out} holds a finished {finished.get('stage')} run ({finished.get('step')} steps): nothing to resume")
+        info(f"{out} holds a finished {stage} run ({finished.get('step')} steps): nothing to resume")
         return finished
-    if resume:
-        _refuse_restarting_a_finished_run(out, stage)
     # From the first moment: a SIGTERM during start-up is answered at the first step, not by dying.
     signals = StopSignals()
     owner = rundir.claim(out, command=stage, resume=resume, overwrite=overwrite,
@@ -73,27 +72,27 @@ def train(stage: str, cfg: Config, out_dir: str | Path, resume: str | None = Non
 
 
 def _finished_run(out: Path, stage: str, cfg: Config) -> dict | None:
-    """run.json of a run that ended with status done, when resuming it has nothing to do: same stage, same number
-    of processes and the same value of every key a resume reads (segda.train.resume). Else None, and the resume
-    path decides: it continues the run (a larger train.max_steps), refuses what a resume may not change (naming
-    the key), checks the checkpoint and agrees with every rank (a shortcut taken by one node alone would leave the
-    others waiting for it). A finished run with no checkpoint to continue from is refused, never restarted."""
+    """For `--resume auto`: run.json of a finished run (status done) that already reached the asked
+    train.max_steps, so there is nothing to do; a changed data-order or model key is refused even then, naming it.
+    A finished run asked for more steps returns None: the resume path continues it from its newest checkpoint
+    (retraining the steps after it: the last step writes the model, not a checkpoint). A finished run is never
+    started over: another stage, or more steps with no checkpoint, is refused. Every rank decides from the same
+    run.json, so on a shared filesystem all ranks agree; nodes that do not share --out must hold the same run."""
     summary = _summary(out)
-    if summary is None or summary.get("status") != "done" or summary.get("stage") != stage:
+    if summary is None or summary.get("status") != "done":
         return None
-    if summary.get("world_size") != resume_policy.launched_world():
-        return None
-    before, asked = summary.get("config", {}), json.loads(json.dumps(cfg.to_dict()))  # tuples as run.json's lists
-    keys = resume_policy.RESUME_KEYS + resume_policy.ARCHITECTURE_KEYS + resume_policy.TAKE_EFFECT
-    return summary if all(resume_policy.setting(before, k) == resume_policy.setting(asked, k) for k in keys) else None
-
-
-def _refuse_restarting_a_finished_run(out: Path, stage: str) -> None:
-    summary = _summary(out)
-    if summary is not None and summary.get("status") == "done" and not checkpointer.list_checkpoints(out):
-        raise SegdaError(f"{out} holds a finished {summary.get('stage')} run ({summary.get('step')} steps) with no "
-                         f"checkpoint to continue {stage} from: give the settings it ran with to see that it is "
-                         "done, write elsewhere with another --out, or move it aside with --overwrite")
+    done = f"{out} holds a finished {summary.get('stage')} run ({summary.get('step')} steps)"
+    if summary.get("stage") != stage:
+        raise SegdaError(f"{done}: resume it with `segda {summary.get('stage')}`, or write this {stage} run "
+                         "elsewhere with another --out")
+    resume_policy.refuse_changed_keys(summary, cfg, stage, out / "run.json")
+    if cfg.train.max_steps <= int(summary.get("step") or 0):
+        return summary
+    if not checkpointer.list_checkpoints(out):
+        raise SegdaError(f"{done} and no checkpoint to continue it to train.max_steps={cfg.train.max_steps} "
+                         "from: write the longer run elsewhere with another --out, or move this one aside with "
+                         "--overwrite")
+    return None
 
 
 def _summary(out: Path) -> dict | None:
@@ -102,4 +101,3 @@ def _summary(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) else None
-

@@ -43,7 +43,19 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -
     cfg.train.grad_accum for a resume on another number of processes under keep_global_batch."""
     if saved.get("stage") != stage:
         raise SegdaError(f"{path} is a {saved.get('stage')} checkpoint; resume it with `segda {saved.get('stage')}`")
-    before = saved.get("config", {})
+    refuse_changed_keys(saved, cfg, stage, path)
+    _adjust_batch(saved, cfg, path, world=world)
+    before = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    for key in TAKE_EFFECT:
+        old, new = setting(before, key), setting(cfg.to_dict(), key)
+        if old is not None and old != new:
+            info(f"{key} was {old!r} in {path}, now {new!r}: the new value takes effect from step "
+                 f"{saved['step'] + 1}")
+
+
+def refuse_changed_keys(saved: dict, cfg: Config, stage: str, path) -> None:
+    """Refuse a changed data-order or architecture key of `saved` (a checkpoint's state or a run's run.json)."""
+    before = saved.get("config") if isinstance(saved.get("config"), dict) else {}
     for key in RESUME_KEYS + ARCHITECTURE_KEYS:
         if key.startswith(("data.target", "adapt.rare")) and cfg.adapt.method != "selftrain":
             continue  # read only by self-training (a supervised run's old value, if any, meant nothing)
@@ -58,12 +70,6 @@ def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -
                 "the checkpoint holds the weights of that model"
             raise SegdaError(f"{key} was {old!r} when {path} was written, now {new!r}: resume with the same value "
                              f"({why}), or start a new run with another --out")
-    _adjust_batch(saved, cfg, path, world=world)
-    for key in TAKE_EFFECT:
-        old, new = setting(before, key), setting(cfg.to_dict(), key)
-        if old is not None and old != new:
-            info(f"{key} was {old!r} in {path}, now {new!r}: the new value takes effect from step "
-                 f"{saved['step'] + 1}")
 
 
 def check_base(saved: dict, base_fingerprint: str | None, path) -> None:
