@@ -209,8 +209,9 @@ def test_shard_contents_match_raw_files(made, quirky):
                              "image_file": image.relative_to(root).as_posix(),
                              "label_file": label.relative_to(root).as_posix(),
                              "original_size": [w, h], "size": [w, h], "image_format": "pxz"}
-    # the raw data exercised void ids (-> 255) as well as train classes
-    assert {0, 7, 26} <= seen_ids and seen_ids & {1, 4, 6, 9, 10, 14, 29}
+    # the raw data exercised void ids (-> 255) as well as train classes (which void ids a dozen random scenes
+    # hold depends on the draw: unlabeled boxes (0) are one of several)
+    assert {7, 26} <= seen_ids and len(seen_ids & {0, 1, 4, 6, 9, 10, 14, 29}) >= 3
 
 
 def test_webdataset_reads_the_same_samples(made):
