@@ -43,7 +43,7 @@ def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
     assert "| source+uda |" in proc.stdout and "| source+lora |" in proc.stdout and (out / "report.md").is_file()
 
 
-def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_path):
+def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_path, capsys):
     """Two studies written as `segda demo` writes report.json; the table's figures checked by hand."""
     from segda.classes import CLASS_NAMES
 
@@ -58,8 +58,14 @@ def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_
     rows = ("source", "source+uda-nopseudo", "source+uda", "source+lora")
     study("a", 0, dict(zip(rows, (0.10, 0.14, 0.16, 0.30))), dict(zip(rows, (0.2, 0.3, 0.5, 0.9))))
     study("b", 1, dict(zip(rows, (0.12, 0.15, 0.20, 0.32))), dict(zip(rows, (0.2, 0.3, 0.4, 0.9))))
-    proc = segda("demo", "--summarize", tmp_path / "a", tmp_path / "b")
-    out = proc.stdout
+    from segda.cli import main
+
+    def summarize(*folders):  # in-process: the command line as a user types it, without a new interpreter
+        code = main(["demo", "--summarize", *map(str, folders)])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    _, out, _ = summarize(tmp_path / "a", tmp_path / "b")
     assert "over 2 studies (seeds 0, 1)" in out
     assert "| source+uda | 50.0 ± 0.0 | 18.0 ± 2.0 | 35 ± 5 % |" in out  # shares 6/20 and 8/20
     assert "| road | 15.0 ± 5.0 | 25.0 ± 5.0 |" in out  # pseudo-labels 20 and 10; self-training 30 and 20
@@ -67,8 +73,8 @@ def test_summarize_gives_each_rows_mean_and_standard_error_over_the_studies(tmp_
     (tmp_path / "a" / "report.json").write_text((tmp_path / "a" / "report.json").read_text().replace(
         '"sky": 0.0', '"sky": null'))
     study("c", 2, dict(zip(rows, (0.10, 0.14, 0.16, 0.10))), dict(zip(rows, (0.2, 0.3, 0.5, 0.9))))
-    out = segda("demo", "--summarize", tmp_path / "a", tmp_path / "c").stdout
+    _, out, _ = summarize(tmp_path / "a", tmp_path / "c")
     assert "| sky | 0.0 | 0.0 |" in out, out  # study a has no sky IoU: one value left, no ±
     assert "| source+uda | 50.0 ± 0.0 | 16.0 ± 0.0 | 30 % |" in out, out  # study c's share is undefined
-    err = segda("demo", "--summarize", tmp_path / "a", tmp_path / "nothing", check=False).stderr
-    assert "nothing/report.json" in err and "segda demo" in err
+    code, _, err = summarize(tmp_path / "a", tmp_path / "nothing")
+    assert code == 2 and "nothing/report.json" in err and "segda demo" in err

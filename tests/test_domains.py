@@ -173,6 +173,7 @@ def tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_acdc_reports_each_condition_and_their_sum(tmp_path, tiny_model):
     from segda.shards.synth import synth_acdc
 
@@ -188,6 +189,7 @@ def test_acdc_reports_each_condition_and_their_sum(tmp_path, tiny_model):
     assert all(p["protocol"] == "synthia13" for p in pairs.values())
 
 
+@pytest.mark.slow
 def test_the_official_cityscapes_evaluator_agrees_with_segda_evaluate(tmp_path, tiny_model):
     official = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling",
                                    reason="install the dev extra (cityscapesscripts)")

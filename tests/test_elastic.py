@@ -87,6 +87,7 @@ def preempted(tmp_path_factory, gta5_manifest):
     return out, run["step"], seconds
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_within_seconds_and_the_resume_continues_exactly(
         preempted, straight, gta5_manifest, tmp_path):
     out, step, seconds = preempted
@@ -106,6 +107,7 @@ def test_sigterm_checkpoints_exits_75_within_seconds_and_the_resume_continues_ex
     assert counted[0] == counted[1]
 
 
+@pytest.mark.slow
 def test_a_resume_that_restored_nothing_would_fail(preempted, straight, gta5_manifest, tmp_path):
     """Halve the checkpoint's weights: a real restore now ends elsewhere; a restart from scratch (a no-op restore)
     would still end on the straight run's weights, and so would fail here."""
@@ -118,6 +120,7 @@ def test_a_resume_that_restored_nothing_would_fail(preempted, straight, gta5_man
     assert max_diff(final_weights(run), final_weights(straight)) > 1e-3
 
 
+@pytest.mark.slow
 def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, gta5_manifest, tmp_path):
     from segda.train.optim import lr_factor
 
@@ -259,6 +262,7 @@ def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(t
         assert "not visible on every node" in err and "filesystem every node mounts" in err, err[-3000:]
 
 
+@pytest.mark.slow
 def test_sigusr1_also_stops_cleanly_and_time_based_checkpoints_are_written(tmp_path, gta5_manifest):
     out = tmp_path / "usr1"
     proc = start(args(gta5_manifest, "train.checkpoint_minutes=0.002", max_steps=400) + ["--out", str(out)])

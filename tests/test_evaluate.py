@@ -91,6 +91,7 @@ def test_two_processes_two_workers_report_exactly_the_single_process_numbers(mod
     assert "source+lora" in (report / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_adapter_on_the_wrong_base_is_refused_unless_overridden(models, tmp_path, cityscapes_manifest):
     from segda.evaluate import load_any
     from segda.model import build_model, save_model
@@ -106,6 +107,7 @@ def test_adapter_on_the_wrong_base_is_refused_unless_overridden(models, tmp_path
     assert proc.returncode == 2 and "--allow-base-mismatch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_class_count_mismatch_and_pickled_adapters_are_refused(models, tmp_path):
     from segda.evaluate import load_any
 
@@ -154,6 +156,7 @@ def test_sliding_window_equals_whole_image_when_the_window_covers_it(models):
     assert sum(windows) == 4
 
 
+@pytest.mark.slow
 def test_predict_writes_the_masks_evaluation_scores(models, tmp_path):
     from segda.evaluate import load_any
 
@@ -173,6 +176,7 @@ def test_predict_writes_the_masks_evaluation_scores(models, tmp_path):
     assert (logits.argmax(0).numpy() == mask).all()
 
 
+@pytest.mark.slow
 def test_export_merges_the_adapter_into_a_plain_model(models, tmp_path):
     from transformers import SegformerForSemanticSegmentation
 
@@ -188,6 +192,7 @@ def test_export_merges_the_adapter_into_a_plain_model(models, tmp_path):
         assert torch.allclose(merged(pixel_values=x).logits, adapted(pixel_values=x).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models, cityscapes_manifest, tmp_path,
                                                                          monkeypatch):
     from segda import adapters as segda_adapters

@@ -112,6 +112,7 @@ def test_an_all_bad_run_leaves_no_empty_shards_behind(raw_gta5, tmp_path):
     assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_encoder_workers_die_with_a_killed_creator(tmp_path):
     from segda.shards.synth import synth_gta5
 
@@ -170,6 +171,7 @@ def test_out_of_range_creator_arguments_are_refused(flag, value, raw_gta5, tmp_p
     assert proc.returncode == 2 and flag in proc.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_predict_never_overwrites_one_result_with_another(tmp_path):
     import cv2
     import numpy as np
@@ -208,6 +210,7 @@ def tiny_model(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_corrupt_or_truncated_model_weights_are_named(tiny_model, tmp_path, cityscapes_manifest):
     broken = tmp_path / "model"
     shutil.copytree(tiny_model, broken)
@@ -218,6 +221,7 @@ def test_corrupt_or_truncated_model_weights_are_named(tiny_model, tmp_path, city
     assert str(broken) in err and "corrupt or truncated" in err
 
 
+@pytest.mark.slow
 def test_a_bin_only_model_is_refused_as_pickle_not_sent_to_the_network(tiny_model, tmp_path, cityscapes_manifest):
     folder = tmp_path / "bin-model"
     folder.mkdir()
@@ -227,6 +231,7 @@ def test_a_bin_only_model_is_refused_as_pickle_not_sent_to_the_network(tiny_mode
     assert "safetensors only" in err and "network" not in err
 
 
+@pytest.mark.slow
 def test_an_adapter_folder_missing_its_config_is_called_an_adapter(tmp_path, cityscapes_manifest):
     folder = tmp_path / "adapter"
     folder.mkdir()
@@ -297,6 +302,7 @@ def test_a_stalled_server_is_announced_and_its_timeout_can_be_set(tmp_path, http
         list(eval_loader(ds, cfg, rank=0, world=1))
 
 
+@pytest.mark.slow
 def test_an_error_inside_a_loader_worker_prints_its_message_not_a_traceback(tmp_path, cityscapes_manifest):
     manifest = tmp_path / "m.json"
     data = json.loads(Path(cityscapes_manifest).read_text())
@@ -312,6 +318,7 @@ def test_an_error_inside_a_loader_worker_prints_its_message_not_a_traceback(tmp_
     assert "Original Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_truncated_adapter_is_named(tiny_model, tmp_path, cityscapes_manifest):
     from segda.adapters import attach_lora, save_adapter
     from segda.config import LoraConfig
@@ -343,6 +350,7 @@ def test_a_disk_filling_up_while_writing_shards_is_named_and_leaves_no_partial_s
     assert not list(out.glob("*.tar")) and not (out / "train-manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_predict_never_replaces_an_input_and_never_waits_on_a_fifo(tiny_model, tmp_path):
     import cv2
     import numpy as np
@@ -358,6 +366,7 @@ def test_predict_never_replaces_an_input_and_never_waits_on_a_fifo(tiny_model, t
     assert "fifo.png is not a regular image file" in err
 
 
+@pytest.mark.slow
 def test_file_system_errors_name_the_path_and_index_validates_the_manifest(raw_gta5, tmp_path):
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import cpu_env
 
 SEGDA = Path(__file__).resolve().parents[1] / "segda"
@@ -72,12 +74,16 @@ def test_no_import_cycle_even_through_imports_inside_functions():
     assert graph["segda.cli"] >= {"segda.cli_data", "segda.argtypes"}, "the walk sees the imports"
 
 
-def test_training_imports_no_benchmark_or_test_code_and_the_old_modules_are_gone():
+@pytest.mark.slow
+def test_importing_training_loads_no_benchmark_or_test_code():
     code = ("import sys, segda.train, segda.methods, segda.data.stream; "
             "print(sorted(m for m in sys.modules if m.startswith(('segda.bench', 'servers', 'helpers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cpu_env(), check=True)
     assert out.stdout.strip() == "[]", out.stdout
-    # and not later either: no import the training code can reach, inside functions included, leads to segda.bench
+
+
+def test_training_never_reaches_benchmark_code_and_the_old_modules_are_gone():
+    """No import the training code can reach, inside functions included, leads to segda.bench."""
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     reached, todo = set(), ["segda.train", "segda.methods", "segda.data"]

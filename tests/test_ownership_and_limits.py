@@ -268,6 +268,7 @@ def _peak_rss_of(code: str, *args) -> tuple[int, str]:
     return int(proc.stdout.split()[-1]) * 1024, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_small_png_declaring_20000x20000_pixels_is_refused_before_it_is_decoded(tmp_path):
     from segda.data.transforms import DecodeError, decode_label
 
@@ -352,6 +353,7 @@ def _silent_server(trickle: float | None = None):
     return f"http://127.0.0.1:{listener.getsockname()[1]}", stop
 
 
+@pytest.mark.slow
 def test_timeout_and_retries_reach_the_manifest_and_a_trickle_counts_as_a_stall(tmp_path, monkeypatch):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     url, stop = _silent_server()

@@ -74,6 +74,7 @@ def _result(rng, model, data, n_examples):
             "confusion": _confusion(gt, pred), "num_samples": 7, "skipped": 1, "examples": examples}
 
 
+@pytest.mark.slow
 def test_write_report(tmp_path):
     rng = np.random.default_rng(1)
     results = [_result(rng, "source+lora", "a/b", 3), _result(rng, "source+lora", "cityscapes", 0),

@@ -94,6 +94,7 @@ def check_exactly_once(result: dict, rest: bool = True) -> None:
 
 
 @pytest.mark.parametrize("source", ["http", "s3"])
+@pytest.mark.slow
 def test_four_ranks_three_workers_fetch_only_what_they_use(city_shards, source, request):
     server = request.getfixturevalue("http_server" if source == "http" else "s3_server")
     base = publish(city_shards, server)
@@ -245,6 +246,7 @@ def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tm
         resolve_dataset(str(manifest))
 
 
+@pytest.mark.slow
 def test_segda_index_adds_offsets_to_an_old_manifest(city_shards, tmp_path):
     from helpers import segda
 
@@ -261,6 +263,7 @@ def test_segda_index_adds_offsets_to_an_old_manifest(city_shards, tmp_path):
     assert proc.returncode == 2 and "train-000002.tar holds 0 samples" in proc.stderr and old.read_text() == before
 
 
+@pytest.mark.slow
 def test_s3_range_reads_are_presigned_gets_that_resume_and_name_the_s3_url(city_shards, s3_server):
     from servers import Faults
 

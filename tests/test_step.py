@@ -146,6 +146,7 @@ def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, mon
     assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_model(tmp_path, gta5_manifest):
     """train.compile goes through dynamo and AOTAutograd (aot_eager: no C++ build in the test) to the same weights."""
     from safetensors.torch import load_file

@@ -29,6 +29,7 @@ def pretrained(tmp_path_factory, gta5_manifest, cityscapes_manifest):
     return out
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_transformers_model_and_run_records(pretrained):
     from transformers import SegformerForSemanticSegmentation
 
@@ -69,6 +70,7 @@ def adapted(tmp_path_factory, pretrained, cityscapes_manifest):
     return out
 
 
+@pytest.mark.slow
 def test_adapter_holds_exactly_the_lora_and_head_tensors(adapted, pretrained):
     folder = adapted / "adapter"
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -84,6 +86,7 @@ def test_adapter_holds_exactly_the_lora_and_head_tensors(adapted, pretrained):
                                                if "running" not in k and "num_batches" not in k)
 
 
+@pytest.mark.slow
 def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, pretrained, cityscapes_manifest):
     from accelerate import Accelerator
     from peft import PeftModel
@@ -107,12 +110,14 @@ def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, 
     assert result["miou"] == pytest.approx(run["final"]["val_miou"], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_adapt_refuses_a_missing_base_with_a_clear_error(tmp_path, cityscapes_manifest):
     proc = segda("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "r", "--max-steps", 1,
                  *common(cityscapes_manifest, f"model.name_or_path={tmp_path / 'nope'}"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
     proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "train.max_step=3",
                  check=False)
@@ -169,6 +174,7 @@ def test_loss_of_a_batch_without_valid_pixels_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("clip", [0, 1])
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, gta5_manifest, clip):
     """lr=1e30: the first step leaves huge weights, the next loss is infinite. That step is skipped on the device;
     the host finds out at the next log line or checkpoint, and no weights with a NaN are ever written."""
@@ -207,6 +213,7 @@ def test_kill_minus_nine_and_resume_gives_the_uninterrupted_weights(tmp_path, gt
     assert run["step"] == straight["step"] == 12 and run["images_seen"] == straight["images_seen"]
 
 
+@pytest.mark.slow
 def test_a_new_run_refuses_an_out_dir_with_old_checkpoints_and_resume_refuses_changed_settings(
         pretrained, tmp_path, gta5_manifest):
     import shutil
