@@ -51,9 +51,9 @@ class Owner:
         path = self.folder / LOCK
         # A POSIX lock does not refuse its own process, and closing any descriptor of the file drops it: a second
         # claim from this process is refused before the file is opened again.
-        if path.exists() and _file_id(path) in _HELD:
-            raise SegdaError(f"{self.folder} is already being written by this process ({_HELD[_file_id(path)]}): "
-                             "choose another --out")
+        held = _HELD.get(_file_id(path)) if path.exists() else None
+        if held:
+            raise SegdaError(f"{self.folder} is already being written by this process ({held}): choose another --out")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
