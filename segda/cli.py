@@ -17,6 +17,7 @@ from segda.argtypes import int_in as _int_in
 from segda.argtypes import seconds as _seconds
 from segda.argtypes import size as _size
 from segda.cli_data import add_index, add_shards, add_synth
+from segda.host_memory import keep_freed_memory
 from segda.log import SegdaError
 
 
@@ -212,6 +213,7 @@ _COMMANDS = [
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # before torch is loaded: then glibc reuses big freed blocks (segda.host_memory)
     try:
         _check_out(args)
         return args.run(args) or 0

@@ -243,6 +243,10 @@ def evaluate_matrix(models: list[tuple[str, str]], datasets: list[tuple[str, str
 
     accelerator = accelerator or Accelerator()
     set_main_process(accelerator.is_main_process)
+    if accelerator.device.type == "cpu":
+        from segda.host_memory import keep_freed_memory
+
+        keep_freed_memory()  # full-size logits are not faulted back in at every frame
     from segda.adapters import SharedBase, is_adapter
 
     fetch = {"allow_pipe": data_cfg.allow_pipe, "timeout": data_cfg.timeout, "retries": data_cfg.retries}

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 TINY_MODEL = "model.config={hidden_sizes: [16, 32, 64, 128], decoder_hidden_size: 64}"
 """A SegFormer of MiT-b0's structure at a quarter of its width: seconds per run on a CPU."""
 
@@ -105,3 +108,24 @@ def segda_here(*args, check: bool = True) -> Ran:
     if check and code != 0:
         raise AssertionError(f"segda {' '.join(map(str, args))} failed ({code}):\n{ran.stderr[-4000:]}")
     return ran
+
+
+# Operators that make the host wait for the device on a GPU: reading a value (item, bool, float, tolist of a
+# scalar), and those whose output size depends on the data (boolean masks, nonzero, unique; bincount reads max).
+SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique2", "bincount", "is_nonzero",
+           "equal"}
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts syncing operators run on this thread (dispatch modes are thread-local: loader threads are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCING or (name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))

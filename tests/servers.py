@@ -36,6 +36,8 @@ class Faults:
     """Paths that always answer 404 (HTTP file server only; moto answers NoSuchKey for missing keys itself)."""
     ignore_range: bool = False
     """Answer 200 with the whole file even to a Range request, like a server without range support."""
+    delay: float = 0.0
+    """Seconds every GET waits before it is answered: a slow store."""
     only: set[str] | None = None
     """Limit status_once/drop_after to these paths; None means every path."""
     requests: list[tuple[str, str | None]] = field(default_factory=list)
@@ -62,6 +64,7 @@ class _Faulty:
     """The handler hooks of segda.bench.servers, answered from the server's current `faults`."""
 
     def fault(self, path, range_header):
+        time.sleep(self.server.faults.delay)
         return self.server.faults.decide(path, range_header)
 
     def not_found(self, path):

@@ -38,3 +38,24 @@ def test_bench_stream_simulates_ranks_against_counting_servers(tmp_path):
         if mode == "segda":
             assert float(train) <= 1.05 and float(evaluation) <= 1.05, proc.stdout
     assert re.search(r"http: bytes fetched per byte used, training [\d.]+x -> 1\.00x", proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "selftrain"])
+def test_bench_loop_times_the_real_loop_by_phase_beside_the_loader_and_the_step(tmp_path, stage):
+    import json
+
+    from helpers import segda_here
+
+    out = tmp_path / "loop.json"
+    segda_here("bench", "loop", "--stage", stage, "--crop", "64x64", "--batch", 2, "--steps", 3, "--warmup", 1,
+          "--frames", 6, "--size", "160x96", "--data-dir", tmp_path / "data", "--json", out)
+    r = json.loads(out.read_text())
+    for field in ("data_wait_ms", "host_ms", "step_ms", "log_ms", "loop_samples_per_s", "loader_samples_per_s",
+                  "step_samples_per_s"):
+        assert r[field] > 0, (field, r)
+    assert r["stage"] == stage and r["model"] == "tiny" and r["crop"] == [64, 64] and r["workers"] == 1
+    # the verdict weighs the loop against the slower of the loader and the step
+    assert r["loop_to_bound"] == pytest.approx(r["loop_samples_per_s"] / min(r["loader_samples_per_s"],
+                                                                            r["step_samples_per_s"]))
+    assert r["bound_by"] in ("loader", "step")

@@ -3,6 +3,7 @@ with classes from the source frame, the strong augmentation, and rare-class samp
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -618,3 +619,25 @@ def test_resume_compares_the_target_only_for_selftraining(tmp_path):
     old = {**saved, "config": {k: v for k, v in supervised.to_dict().items() if k != "adapt"}}
     with pytest.raises(SegdaError, match=r"data.target was '' .*now 'new/t.json'"):
         check_resumable(old, selftraining, "adapt", tmp_path, world=1)
+
+
+@pytest.mark.slow
+def test_the_selftraining_step_with_colour_transfer_does_not_wait_for_the_device(tmp_path, uda_setup, gta5_manifest):
+    """Masks, pseudo-labels, their weights, colour transfer and the strong augmentation stay on the device: a run of
+    9 steps makes as many syncing calls as a run of 3 (on a GPU, tests/test_gpu.py counts CUDA's own syncs)."""
+    from helpers import SyncCounter
+
+    from segda.config import load_config
+    from segda.train import train
+
+    def syncs(steps: int) -> list[str]:
+        args = _selftrain_args(uda_setup, gta5_manifest, "adapt.colour_transfer=true", "train.checkpoint_every=0",
+                               f"train.max_steps={steps}", f"train.log_every={steps}")
+        cfg = load_config(args[1], args[3:])
+        with SyncCounter() as counter:
+            train("adapt", cfg, tmp_path / str(steps))
+        return counter.calls
+
+    short, long = syncs(3), syncs(9)
+    assert len(long) == len(short), f"syncs grow with the steps: {len(short)} for 3 steps, {len(long)} for 9: {long}"
+    assert json.loads((tmp_path / "9" / "run.json").read_text())["step"] == 9

@@ -8,32 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, SyncCounter
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
-
-# Operators that make the host wait for the device on a GPU: reading a value (item, bool, float, tolist of a
-# scalar), and those whose output size depends on the data (boolean masks, nonzero, unique; bincount reads max).
-SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique_dim", "_unique2", "bincount", "is_nonzero",
-           "equal"}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts syncing operators run on this thread (dispatch modes are thread-local: loader threads are not seen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        if name in SYNCING or (name == "index" and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))):
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
 
 def _config(manifest, *extra):
     from segda.config import load_config
@@ -125,6 +103,26 @@ def test_log_lines_report_the_loss_and_the_data_wait(tmp_path, gta5_manifest):
         assert 0 < line["loss"] < 10 and 0 <= line["data_wait_share"] <= 1 and line["data_wait_s"] >= 0
     assert summary["data_wait_seconds"] == pytest.approx(sum(line["data_wait_s"] for line in lines))
     assert 0 < summary["data_wait_share"] < 1
+
+
+def test_a_loader_slowed_on_purpose_shows_as_a_high_data_wait_share(tmp_path, gta5_manifest, http_server):
+    """Shards behind a store that answers each read 0.5 s late: the trainer spends most of its time waiting, and
+    the logged share and the run's summary say so (a share measured in the wrong place would read near 0)."""
+    import shutil
+
+    from servers import Faults
+
+    from segda.train import train
+
+    for f in gta5_manifest.parent.iterdir():
+        shutil.copy(f, http_server.root / f.name)
+    http_server.faults = Faults(delay=0.5)
+    cfg = _config(f"{http_server.url}/{gta5_manifest.name}", "train.max_steps=6", "train.log_every=3")
+    summary = train("pretrain", cfg, tmp_path / "slow")
+    lines = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 6]
+    assert all(line["data_wait_share"] >= 0.5 for line in lines), lines
+    assert summary["data_wait_share"] >= 0.5, summary
 
 
 def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, monkeypatch):

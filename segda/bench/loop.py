@@ -31,7 +31,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = {"pretrain": "pretrain_gta5.yaml", "adapt": "adapt_cityscapes_lora.yaml",
            "selftrain": "adapt_gta5_to_cityscapes_selftrain.yaml"}
 MODELS = {"tiny": {"hidden_sizes": [8, 8, 8, 8], "decoder_hidden_size": 8, "num_attention_heads": [1, 1, 1, 1],
-                   "depths": [1, 1, 1, 1], "mlp_ratios": [1, 1, 1, 1]},
+                   "depths": [1, 1, 1, 1], "mlp_ratios": [1, 1, 1, 1],
+                   "sr_ratios": [16, 8, 4, 2]},  # attention over 4x fewer keys than MiT's (crops down to 64 px)
           "b0": {}}
 """SegformerConfig overrides: `tiny` (~11k weights, the model's cost almost gone) or MiT-b0 (3.7M)."""
 
@@ -147,7 +148,8 @@ def bench_loop(model: str = "tiny", crop=(512, 512), batch: int = 8, workers: in
               "device": summary["device"], "mixed_precision": summary["mixed_precision"], **medians,
               "loop_samples_per_s": loop_rate, "loader_samples_per_s": loader_rate,
               "step_samples_per_s": step_rate, "loop_to_loader": loop_rate / loader_rate,
-              "loop_to_step": loop_rate / step_rate, "data_wait_share": summary["data_wait_share"],
+              "loop_to_step": loop_rate / step_rate, "bound_by": "loader" if loader_rate < step_rate else "step",
+              "loop_to_bound": loop_rate / min(loader_rate, step_rate), "data_wait_share": summary["data_wait_share"],
               "loader_samples_per_s_per_worker": per_worker,
               "cores_per_gpu": {f"{r:g}": r / per_worker for r in (*step_rates, step_rate)}}
     _print(result)
@@ -164,6 +166,9 @@ def _print(r: dict) -> None:
           f"({r['workers']} worker(s)); step alone {r['step_samples_per_s']:.1f}")
     print(f"loop / loader: {r['loop_to_loader']:.2f}x; loop / step: {r['loop_to_step']:.2f}x; data-wait share "
           f"{100 * r['data_wait_share']:.0f}%")
+    print(f"bound by the {r['bound_by']}: the loop runs at {r['loop_to_bound']:.2f}x of it" + (
+        "" if r["stage"] == "pretrain" else " (the step alone is the supervised step of the whole model: "
+        f"{r['stage']}'s own step does more)"))
     for rate, cores in r["cores_per_gpu"].items():
         print(f"one GPU stepping at {float(rate):.1f} samples/s needs {cores:.1f} loader cores at "
               f"{r['loader_samples_per_s_per_worker']:.1f} samples/s per worker ({r['crop'][0]}x{r['crop'][1]})")

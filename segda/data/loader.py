@@ -56,6 +56,8 @@ def limit_main_threads(workers: int, policy: str = "auto") -> int:
 
 
 def make_loader(stream: IterableDataset, workers: int, pin_memory: bool, threads: str = "auto") -> DataLoader:
+    if workers:
+        stop_opencv_pool()
     # Its own generator: starting an iterator draws a seed, and drawing it from the global RNG would shift the
     # model's dropout randomness whenever a run resumes mid-epoch (an extra loader start), breaking exact resume.
     return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
@@ -63,6 +65,20 @@ def make_loader(stream: IterableDataset, workers: int, pin_memory: bool, threads
                       worker_init_fn=_WorkerInit(threads_per_worker(workers) if threads == "auto" else 0)
                       if workers else None,
                       persistent_workers=False)
+
+
+def stop_opencv_pool() -> None:
+    """Run OpenCV single-threaded in this process before it forks loader workers.
+
+    OpenCV's thread pool does not survive fork: a child forked while the pool's threads wait on its condition
+    variable hangs for ever when it reconfigures or uses the pool (glibc's pthread_cond_destroy waits for waiters
+    that exist only in the parent). Measured: a self-training run whose main process had resized a frame hung in
+    its first worker's cv2.setNumThreads. One thread stops the pool's threads; the training process decodes
+    nothing itself while its workers run, and each worker sets its own count (`_WorkerInit`).
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 class _WorkerInit:

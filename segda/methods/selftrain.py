@@ -137,12 +137,14 @@ class SelfTraining:
 
     # ---- the step ------------------------------------------------------------------------------------------
     def to_device(self, batch: dict, ctx: StepContext) -> dict:
-        """The host's part of the step: copies to the device and the step's random generator; nothing else."""
+        """The host's part of the step: copies to the device and the step's random generator; nothing else (the
+        pixels are normalised in `loss`, on the device: on a CPU that work would otherwise count as host work)."""
         source, target = batch["source"], batch["target"]
         generator = torch.Generator().manual_seed(int(np.random.default_rng(
             [ctx.seed, ctx.rank, ctx.step, self.micro, 0x5E1F]).integers(2 ** 62)))
         self.micro += 1
-        return {"source": ctx.pixels(source["image"]), "target": ctx.pixels(target["image"]),
+        return {"source": source["image"].to(ctx.device, non_blocking=True),
+                "target": target["image"].to(ctx.device, non_blocking=True),
                 "labels": source["label"].to(ctx.device, non_blocking=True),
                 "valid": target["valid"].to(ctx.device, non_blocking=True), "generator": generator,
                 "crops": len(source["key"])}
@@ -152,7 +154,8 @@ class SelfTraining:
 
     def loss(self, inputs: dict, student, ctx: StepContext) -> torch.Tensor:
         a = self.cfg.adapt
-        source_pixels, target_pixels, source_labels = inputs["source"], inputs["target"], inputs["labels"]
+        source_pixels, target_pixels = ctx.pixels(inputs["source"]), ctx.pixels(inputs["target"])
+        source_labels = inputs["labels"]
         b, n_target = source_pixels.shape[0], target_pixels.shape[0]
         generator = inputs["generator"]
         device_draws = generator

@@ -27,11 +27,12 @@ class Supervised:
                             pin_memory=pin_memory)
 
     def to_device(self, batch: dict, ctx: StepContext) -> dict:
-        return {"pixels": ctx.pixels(batch["image"]), "labels": batch["label"].to(ctx.device, non_blocking=True),
-                "crops": len(batch["key"])}
+        """Copies only: normalising the pixels is device work and belongs to the step (see `loss`)."""
+        return {"images": batch["image"].to(ctx.device, non_blocking=True),
+                "labels": batch["label"].to(ctx.device, non_blocking=True), "crops": len(batch["key"])}
 
     def loss(self, inputs: dict, student, ctx: StepContext) -> torch.Tensor:
-        return segmentation_loss(student(pixel_values=inputs["pixels"]).logits, inputs["labels"])
+        return segmentation_loss(student(pixel_values=ctx.pixels(inputs["images"])).logits, inputs["labels"])
 
     def crops(self, inputs: dict) -> int:
         return inputs["crops"]

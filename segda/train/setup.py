@@ -20,6 +20,7 @@ from segda import adapters
 from segda.config import Config
 from segda.data.datasets import resolve_dataset
 from segda.data.loader import limit_main_threads
+from segda.host_memory import keep_freed_memory
 from segda.log import SegdaError, set_main_process
 from segda.methods import build_method
 from segda.model import batchnorm_in_fp32, build_model, fingerprint, normalize
@@ -116,6 +117,8 @@ def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: S
     accelerator = make_accelerator(cfg, out_dir)
     set_main_process(accelerator.is_main_process)
     limit_main_threads(cfg.data.workers, cfg.data.threads)  # no core runs two busy threads (data.loader)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # large tensors are not faulted back in at every step (segda.host_memory)
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     model, base_fp = build_trainable(stage, cfg)
     if saved is not None:

@@ -1,0 +1,36 @@
+"""On a CPU, freed tensors are reused rather than faulted back in from the kernel at every step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PROBE = """
+import resource, sys
+from segda.host_memory import keep_freed_memory
+print(keep_freed_memory())  # before torch is loaded, as the segda command does
+import torch
+faults = []
+for _ in range(8):  # a step's big tensor (64 MB, over glibc's 32 MB mmap ceiling), made and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 1024 * 1024).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])  # the steady state: glibc reaches it after a few steps
+"""
+
+
+def _faults(**env) -> tuple[str, int]:
+    import os
+
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_a_freed_big_tensor_is_reused_without_page_faults_and_the_switch_turns_it_off():
+    kept, faults_kept = _faults()
+    off, faults_off = _faults(SEGDA_KEEP_FREED_MEMORY="0")
+    assert (kept, off) == ("True", "False")
+    # 64 MB is 16384 pages of 4 KB: each is faulted in again when malloc gave the block back to the kernel
+    assert faults_off > 10000, faults_off
+    assert faults_kept < 1000, faults_kept
