@@ -22,8 +22,9 @@ print(faults[-1])  # the steady state: glibc reaches it after a few steps
 def _faults(**env) -> tuple[str, int]:
     import os
 
+    # CUDA_VISIBLE_DEVICES="": on a machine with a GPU, a CPU run (segda leaves malloc alone where a GPU is in reach)
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split()
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **env}).stdout.split()
     return out[0], int(out[1])
 
 
@@ -34,3 +35,17 @@ def test_a_freed_big_tensor_is_reused_without_page_faults_and_the_switch_turns_i
     # 64 MB is 16384 pages of 4 KB: each is faulted in again when malloc gave the block back to the kernel
     assert faults_off > 10000, faults_off
     assert faults_kept < 1000, faults_kept
+
+
+def test_a_gpu_in_reach_leaves_malloc_alone_unless_hidden(monkeypatch, tmp_path):
+    from segda import host_memory
+
+    monkeypatch.setattr(host_memory.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert host_memory._gpu_in_reach()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not host_memory._gpu_in_reach()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert not host_memory._gpu_in_reach()

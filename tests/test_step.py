@@ -121,8 +121,10 @@ def test_a_loader_slowed_on_purpose_shows_as_a_high_data_wait_share(tmp_path, gt
     summary = train("pretrain", cfg, tmp_path / "slow")
     lines = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [3, 6]
-    assert all(line["data_wait_share"] >= 0.5 for line in lines), lines
-    assert summary["data_wait_share"] >= 0.5, summary
+    assert all(0.5 <= line["data_wait_share"] <= 1 for line in lines), lines
+    assert 0.5 <= summary["data_wait_share"] <= 1, summary
+    # no more wait than the store's own delays could cause (a wait counted twice, or the host work counted in it)
+    assert summary["data_wait_seconds"] <= 0.5 * len(http_server.faults.requests), summary
 
 
 def test_channels_last_trains_in_that_memory_format(tmp_path, gta5_manifest, monkeypatch):

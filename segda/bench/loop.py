@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from segda.config import Config, load_config
-from segda.log import info
+from segda.log import SegdaError, info
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = {"pretrain": "pretrain_gta5.yaml", "adapt": "adapt_cityscapes_lora.yaml",
@@ -82,7 +82,10 @@ def _base_model(root: Path, model: str) -> str:
     """A random-init model of the benchmark's size saved as a pretrained base (adapt and selftrain need one)."""
     from segda.model import build_model, save_model
 
-    folder = root / f"base-{model}"
+    import hashlib
+
+    shape = hashlib.sha256(json.dumps(MODELS[model], sort_keys=True).encode()).hexdigest()[:8]
+    folder = root / f"base-{model}-{shape}"  # a --data-dir kept from an older tiny model is not reused
     if not (folder / "config.json").is_file():
         torch.manual_seed(0)
         save_model(build_model("", MODELS[model]), folder)
@@ -121,6 +124,9 @@ def bench_loop(model: str = "tiny", crop=(512, 512), batch: int = 8, workers: in
     from segda.train import setup, train
     from segda.train.state import PhaseClock
 
+    if model == "tiny" and min(crop) < 64:
+        raise SegdaError(f"--crop {crop[0]}x{crop[1]}: the tiny model needs crops of 64x64 or more (its attention "
+                         "shrinks the first stage's keys 16x); pass --crop 64 or larger")
     root = Path(data_dir or tempfile.mkdtemp(prefix="segda-bench-loop-"))
     manifests = make_frames(root / "data", frames, size, target=stage == "selftrain")
     base = _base_model(root, model) if stage != "pretrain" else ""

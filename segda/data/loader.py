@@ -73,8 +73,9 @@ def stop_opencv_pool() -> None:
     OpenCV's thread pool does not survive fork: a child forked while the pool's threads wait on its condition
     variable hangs for ever when it reconfigures or uses the pool (glibc's pthread_cond_destroy waits for waiters
     that exist only in the parent). Measured: a self-training run whose main process had resized a frame hung in
-    its first worker's cv2.setNumThreads. One thread stops the pool's threads; the training process decodes
-    nothing itself while its workers run, and each worker sets its own count (`_WorkerInit`).
+    its first worker's cv2.setNumThreads. One thread stops the pool's threads; a training or evaluation process
+    decodes nothing itself while its workers run, and each worker sets its own count (`_WorkerInit`). A library
+    caller's process keeps OpenCV single-threaded afterwards (cv2.setNumThreads(-1) gives the default back).
     """
     import cv2
 
@@ -93,8 +94,10 @@ class _WorkerInit:
         # sent to a worker itself still ends it (the DataLoader's shutdown relies on that), and torch's watchdog
         # ends a worker whose rank died.
         os.setpgid(0, 0)
-        if self.threads:  # 0: data.threads=library, each library's own choice (torch's DataLoader sets 1)
-            import cv2
+        import cv2
 
+        if self.threads:  # 0: data.threads=library, each library's own choice (torch's DataLoader sets 1)
             cv2.setNumThreads(self.threads)
             torch.set_num_threads(self.threads)
+        else:  # OpenCV's default (one thread per core), not the single thread its parent kept (stop_opencv_pool)
+            cv2.setNumThreads(-1)

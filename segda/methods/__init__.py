@@ -5,8 +5,9 @@ checkpoints (torchtitan's "stateful parts"); the loop does the rest (steps, logg
     method.bind(module)                                   # the plain model it trains (teacher swaps, shapes)
     data = method.data(rank=r, world=w, pin_memory=p)     # its batches: a stateful part (the data position)
     for batch in data:
-        inputs = method.to_device(batch, ctx)             # the host's part of the step (copies, masks)
-        loss = method.loss(inputs, student, ctx)          # inside the loop's accumulate / backward / step
+        inputs = method.to_device(batch, ctx)             # the host's part of the step: copies to the device
+        loss = method.loss(inputs, student, ctx)          # device work (normalising, masks, forwards), inside the
+                                                          # loop's accumulate / backward / step
         method.after_step(step)                           # once per optimizer step
     method.state_dict() / method.load_state_dict(...)     # travels in every checkpoint
 
