@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import resource, sys
 from segda.host_memory import keep_freed_memory
@@ -28,6 +30,7 @@ def _faults(**env) -> tuple[str, int]:
     return out[0], int(out[1])
 
 
+@pytest.mark.slow
 def test_a_freed_big_tensor_is_reused_without_page_faults_and_the_switch_turns_it_off():
     kept, faults_kept = _faults()
     off, faults_off = _faults(SEGDA_KEEP_FREED_MEMORY="0")

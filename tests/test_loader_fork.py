@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import sys, cv2, numpy as np, torch
 from torch.utils.data import IterableDataset
@@ -40,10 +42,12 @@ def _probe(threads: str) -> tuple[str, int]:
     return keys, int(cv2_threads)
 
 
+@pytest.mark.slow
 def test_workers_forked_after_opencv_used_its_thread_pool_start_and_deliver():
     assert _probe("auto") == ("[0, 1, 2]", 1)
 
 
+@pytest.mark.slow
 def test_with_data_threads_library_a_worker_has_opencvs_own_thread_count():
     default = int(subprocess.run([sys.executable, "-c", "import cv2; print(cv2.getNumThreads())"],
                                  capture_output=True, text=True, check=True).stdout)
