@@ -37,10 +37,13 @@ def _add_train(sub, stage: str, help_: str) -> None:
 
 def _run_train(args) -> int:
     from segda.config import load_config
-    from segda.train import train
+    from segda.modelfiles import check_model_folder
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    # Before torch loads: a mistyped key or base folder is named in a fraction of a second, not after five.
     cfg = load_config(args.config, overrides)
+    check_model_folder(cfg.model.name_or_path)
+    from segda.train import train
     from segda.train.preempt import EXIT_PREEMPTED, Preempted
 
     try:

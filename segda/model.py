@@ -22,6 +22,7 @@ from segda.data.transforms import MEAN, STD
 from safetensors import SafetensorError
 
 from segda.log import SegdaError
+from segda.modelfiles import check_model_folder
 
 
 def _label_maps() -> dict:
@@ -47,15 +48,7 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
                              "sizes") from None
     if config_overrides:
         raise SegdaError("model.config applies to random init only; clear model.name_or_path or model.config")
-    path = Path(name_or_path)
-    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not (path / "config.json").is_file():
-        raise SegdaError(f"model folder {path} has no config.json: give a folder written by `segda pretrain` "
-                         "(RUN_DIR/model) or `save_pretrained`, or a hub id like nvidia/mit-b0")
-    if looks_local and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        raise SegdaError(f"{path} holds only pickled .bin weights: segda reads safetensors only (a pickle can run "
-                         "code). In an environment you trust, load it with transformers and save_pretrained("
-                         "safe_serialization=True), then point here")
+    check_model_folder(name_or_path)
     try:
         found = SegformerConfig.from_pretrained(name_or_path)
         has_head = "SegformerForSemanticSegmentation" in (found.architectures or [])
