@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def _run_train(args) -> int:
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     # Before torch loads: a mistyped key or base folder is named in a fraction of a second, not after five.
     cfg = load_config(args.config, overrides)
-    check_model_folder(cfg.model.name_or_path)
+    if not (args.resume == "auto" and _finished(args.out)):  # a finished run needs no base: `nothing to resume`
+        check_model_folder(cfg.model.name_or_path)
     from segda.train import train
     from segda.train.preempt import EXIT_PREEMPTED, Preempted
 
@@ -52,6 +54,14 @@ def _run_train(args) -> int:
         print(f"segda: preempted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
+
+
+def _finished(out: Path) -> bool:
+    """Whether --out holds a finished run (run.json says done): train() decides what `--resume auto` does with it."""
+    try:
+        return json.loads((Path(out) / "run.json").read_text()).get("status") == "done"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _add_inference_flags(p) -> None:

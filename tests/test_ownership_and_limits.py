@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -62,6 +63,16 @@ def test_a_finished_run_is_never_replaced_and_overwrite_moves_it_aside(gta5_mani
     # a longer run asked of a finished run without checkpoints would start from scratch over it: refused
     err = refused(*pretrain_args(gta5_manifest, out, "train.max_steps=3", "train.checkpoint_every=0"), "--resume", "auto")
     assert "no checkpoint to continue" in err and snapshot(out) == before
+    # a requeued job resuming a finished adapter whose base was since removed: nothing to do, not an error
+    base, adapted = tmp_path / "base", tmp_path / "a0"
+    shutil.copytree(out / "model", base)
+    adapt = ["adapt", DEMO / "adapt.yaml", "--out", adapted, "--set", f"data.train={gta5_manifest}",
+             "data.workers=0", "data.batch_size=2", "data.crop_size=64x64", "data.base_size=160x88",
+             "train.max_steps=1", f"model.name_or_path={base}"]
+    segda_here(*adapt)
+    shutil.rmtree(base)
+    assert "nothing to resume" in segda_here(*adapt, "--resume", "auto").stderr
+    assert "no checkpoint to continue" in refused(*adapt, "--resume", "auto", "--max-steps", 2)
     segda_here(*pretrain_args(gta5_manifest, out, "train.max_steps=1", "train.seed=5"), "--overwrite")
     (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("p0.old-")]
     assert snapshot(aside) == before, "moved aside whole, never deleted"

@@ -143,6 +143,26 @@ def test_a_mistyped_key_or_base_folder_is_named_before_torch_is_imported(tmp_pat
     assert proc.stdout.strip() == "NO-TORCH"
 
 
+def test_the_early_base_check_passes_hub_ids_and_complete_folders_and_names_what_a_folder_lacks(tmp_path):
+    from segda.log import SegdaError
+    from segda.modelfiles import check_model_folder
+
+    for fine in ("", "nvidia/mit-b0", "mit-b0"):  # random init from model.config, hub ids: transformers decides
+        check_model_folder(fine)
+    folder = tmp_path / "base"
+    folder.mkdir()
+    with pytest.raises(SegdaError, match=f"{folder} has no config.json"):
+        check_model_folder(str(folder))
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(SegdaError, match="only pickled .bin weights"):
+        check_model_folder(str(folder))
+    (folder / "model.safetensors").write_bytes(b"")
+    check_model_folder(str(folder))
+    with pytest.raises(SegdaError, match="no config.json"):
+        check_model_folder(str(tmp_path / "runs" / "gta5" / "model"))  # a mistyped path that does not exist
+
+
 def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_path):
     from segda.config import load_config
     from segda.log import SegdaError
