@@ -1,4 +1,6 @@
-"""Helpers for tests that run segda the way users do: the CLI in a subprocess, or under `accelerate launch`."""
+"""Helpers for tests that run segda the way users do: the CLI's own `main` in the test process (`segda_here`: the
+same parsing, errors and exit status, without the ~5 s a new interpreter spends importing torch and transformers), in
+a subprocess where the process itself is under test (signals, kill -9, timeouts), or under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -91,8 +93,10 @@ def segda_here(*args, check: bool = True) -> Ran:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES")}
-    os.environ.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    os.environ.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # as cpu_env()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a subprocess: the same sums as `segda` there, bit for bit
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -103,6 +107,7 @@ def segda_here(*args, check: bool = True) -> Ran:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
         log.set_main_process(True)
+        torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
     ran = Ran(code, out.getvalue(), err.getvalue())
     if check and code != 0:

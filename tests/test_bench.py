@@ -6,29 +6,29 @@ import re
 
 import pytest
 
-from helpers import segda
+from helpers import segda_here
 
 
 @pytest.mark.slow
 def test_bench_loader_train_and_shards_report_ratios(gta5_manifest, tmp_path):
     raw = gta5_manifest.parent.parent / "raw-gta5-train"
-    proc = segda("bench", "loader", "--data", gta5_manifest, "--raw", raw, "--workers", 1, "--crop", 32,
-                 "--batch", 2, "--samples", 6, "--repeats", 1, "--base-size", "160x88")
+    proc = segda_here("bench", "loader", "--data", gta5_manifest, "--raw", raw, "--workers", 1, "--crop", 32,
+                      "--batch", 2, "--samples", 6, "--repeats", 1, "--base-size", "160x88")
     assert re.search(r"loader speed-up .*: \d+\.\dx", proc.stdout), proc.stdout
     assert "baseline" in proc.stderr
-    proc = segda("bench", "shards", "gta5", raw, "--repeats", 1)
+    proc = segda_here("bench", "shards", "gta5", raw, "--repeats", 1)
     assert re.search(r"creators speed.*: [\d.]+x", proc.stdout), proc.stdout
-    proc = segda("bench", "train", "--crop", 32, "--batch", 1, "--steps", 1, "--repeats", 1)
+    proc = segda_here("bench", "train", "--crop", 32, "--batch", 1, "--steps", 1, "--repeats", 1)
     assert re.search(r"train step speed-up .*: \d+\.\dx", proc.stdout), proc.stdout
     frames = sorted(raw.glob("images/*.png"))[:2]
-    proc = segda("bench", "codec", *frames, "--repeats", 2)
+    proc = segda_here("bench", "codec", *frames, "--repeats", 2)
     assert re.search(r"bytes: PXZ / PNG = [\d.]+x", proc.stdout) and "decode speed" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
 def test_bench_stream_simulates_ranks_against_counting_servers(tmp_path):
-    proc = segda("bench", "stream", "--world", 4, "--workers", 2, "--train", 40, "--val", 12, "--shard-size", 8,
-                 "--batch", 3, "--data-dir", tmp_path / "data", timeout=600)
+    proc = segda_here("bench", "stream", "--world", 4, "--workers", 2, "--train", 40, "--val", 12, "--shard-size", 8,
+                      "--batch", 3, "--data-dir", tmp_path / "data")
     rows = {m.groups()[:2]: m.groups()[2:] for m in re.finditer(
         r"^\| (http|s3) \| (baseline|segda) \| ([\d.]+)x \| [\d.]+ \| ([\d.]+)x \| [\d.]+ \| (\w+), (\w+) \|",
         proc.stdout, re.M)}
@@ -49,7 +49,7 @@ def test_bench_loop_times_the_real_loop_by_phase_beside_the_loader_and_the_step(
 
     out = tmp_path / "loop.json"
     segda_here("bench", "loop", "--stage", stage, "--crop", "64x64", "--batch", 2, "--steps", 3, "--warmup", 1,
-          "--frames", 6, "--size", "160x96", "--data-dir", tmp_path / "data", "--json", out)
+               "--frames", 6, "--size", "160x96", "--data-dir", tmp_path / "data", "--json", out)
     r = json.loads(out.read_text())
     for field in ("data_wait_ms", "host_ms", "step_ms", "log_ms", "loop_samples_per_s", "loader_samples_per_s",
                   "step_samples_per_s"):

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from helpers import segda
+from helpers import segda_here
 from segda.shards.encode import EncodeOptions, load_id_map
 from segda.shards.writer import CreateOptions, create_shards, manifest_path
 
@@ -179,8 +179,8 @@ def test_acdc_reports_each_condition_and_their_sum(tmp_path, tiny_model):
 
     synth_acdc(tmp_path / "raw", "val", 2, size=(96, 64), conditions=("fog", "night", "snow"))
     _create("acdc", tmp_path / "raw", tmp_path / "shards", split="val")
-    segda("evaluate", "--model", f"m={tiny_model}", "--data", f"acdc={manifest_path(tmp_path / 'shards', 'val')}",
-          "--out", tmp_path / "report", "--eval-size", "96x64", "--workers", "0", "--classes", "synthia13")
+    segda_here("evaluate", "--model", f"m={tiny_model}", "--data", f"acdc={manifest_path(tmp_path / 'shards', 'val')}",
+               "--out", tmp_path / "report", "--eval-size", "96x64", "--workers", "0", "--classes", "synthia13")
     pairs = {p["data"]: p for p in json.loads((tmp_path / "report" / "report.json").read_text())["pairs"]}
     assert set(pairs) == {"acdc", "acdc/fog", "acdc/night", "acdc/snow"}
     parts = [np.array(pairs[f"acdc/{c}"]["confusion"]) for c in ("fog", "night", "snow")]
@@ -198,12 +198,12 @@ def test_the_official_cityscapes_evaluator_agrees_with_segda_evaluate(tmp_path, 
     raw = tmp_path / "cityscapes"
     synth_cityscapes(raw, "val", 5, size=(128, 64))
     _create("cityscapes", raw, tmp_path / "shards", split="val")
-    segda("evaluate", "--model", f"m={tiny_model}", "--data", f"cs={manifest_path(tmp_path / 'shards', 'val')}",
-          "--out", tmp_path / "report", "--eval-size", "128x64", "--workers", "0")
+    segda_here("evaluate", "--model", f"m={tiny_model}", "--data", f"cs={manifest_path(tmp_path / 'shards', 'val')}",
+               "--out", tmp_path / "report", "--eval-size", "128x64", "--workers", "0")
     ours = json.loads((tmp_path / "report" / "report.json").read_text())["pairs"][0]
     frames = sorted(raw.glob("leftImg8bit/val/*/*_leftImg8bit.png"))
-    segda("predict", tiny_model, *frames, "--out", tmp_path / "results", "--format", "cityscapes",
-          "--eval-size", "128x64")
+    segda_here("predict", tiny_model, *frames, "--out", tmp_path / "results", "--format", "cityscapes",
+               "--eval-size", "128x64")
     assert len(list((tmp_path / "results").iterdir())) == 5
 
     args = official.args
@@ -222,6 +222,6 @@ def test_the_official_cityscapes_evaluator_agrees_with_segda_evaluate(tmp_path, 
     assert [int(v) for v in train_to_label_id_lut()[:19]] == [trainId2label[t].id for t in range(19)]
     # the evaluator searches the whole folder: a second run into a folder holding other PNGs is refused
     (tmp_path / "results" / "old_overlay.png").write_bytes(b"")
-    proc = segda("predict", tiny_model, frames[0], "--out", tmp_path / "results", "--format", "cityscapes",
-                 check=False)
+    proc = segda_here("predict", tiny_model, frames[0], "--out", tmp_path / "results", "--format", "cityscapes",
+                      check=False)
     assert proc.returncode == 2 and "already holds other PNGs" in proc.stderr

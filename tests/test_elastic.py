@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, TINY_MODEL, cpu_env, launch_args, segda
+from helpers import REPO, TINY_MODEL, cpu_env, launch_args, segda_here
 
 DEMO = REPO / "configs" / "demo"
 
@@ -67,7 +67,7 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, gta5_manifest):
     out = tmp_path_factory.mktemp("straight") / "run"
-    segda(*args(gta5_manifest), "--out", out)
+    segda_here(*args(gta5_manifest), "--out", out)
     return out
 
 
@@ -96,7 +96,7 @@ def test_sigterm_checkpoints_exits_75_within_seconds_and_the_resume_continues_ex
     assert not (out / "model").exists()
     run = tmp_path / "run"
     shutil.copytree(out, run)
-    proc = segda(*args(gta5_manifest), "--out", run, "--resume", "auto")
+    proc = segda_here(*args(gta5_manifest), "--out", run, "--resume", "auto")
     assert f"resumed from {run / 'checkpoints' / f'step-{step:06d}'} at step {step}" in proc.stderr
     assert logged_steps(run) == list(range(1, 41)), "steps after the checkpoint appended once, none repeated"
     # the same samples, step by step, as the run that was never stopped: the data position was restored
@@ -116,7 +116,7 @@ def test_a_resume_that_restored_nothing_would_fail(preempted, straight, gta5_man
     shutil.copytree(out, run)
     weights = run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"
     save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights))
-    segda(*args(gta5_manifest), "--out", run, "--resume", "auto")
+    segda_here(*args(gta5_manifest), "--out", run, "--resume", "auto")
     assert max_diff(final_weights(run), final_weights(straight)) > 1e-3
 
 
@@ -129,7 +129,7 @@ def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, g
     shutil.copytree(out, run)
     changed = ("optim.lr=0.002", "optim.warmup_steps=5", "optim.weight_decay=0.05", "optim.betas=[0.8,0.99]",
                "train.checkpoint_every=39")
-    proc = segda(*args(gta5_manifest, *changed), "--out", run, "--resume", "auto")
+    proc = segda_here(*args(gta5_manifest, *changed), "--out", run, "--resume", "auto")
     assert "optim.lr was 0.0006 in" in proc.stderr and f"takes effect from step {step + 1}" in proc.stderr
     groups = json.loads((run / "checkpoints" / "step-000039" / "optimizer.json").read_text())["param_groups"]
     assert {g["weight_decay"] for g in groups} == {0.0, 0.05} and all(g["betas"] == [0.8, 0.99] for g in groups)
@@ -138,11 +138,39 @@ def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, g
     assert lines[step + 1]["lr"] == pytest.approx(0.002 * lr_factor(step + 1, 5, 40, 1.0), rel=1e-6)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _wait_until_gone(pids: list[int], seconds: float = 10) -> None:
+    """A killed rank exits (its run-folder lock with it) a moment after SIGKILL; orphans are reaped by init. A
+    resume started at once could still find the lock held; a requeued job starts seconds later."""
+    deadline = time.monotonic() + seconds
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 def _kill_after_checkpoint(proc: subprocess.Popen, out: Path) -> dict:
     wait_for(lambda: (out / "checkpoints" / "step-000002" / "state.json").is_file() or proc.poll() is not None,
              "the step-2 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)
+    tree = [proc.pid, *_descendants(proc.pid)]
+    for pid in tree:  # the ranks too: torch's launcher starts each in a session of its own
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    _wait_until_gone(tree[1:])
     assert not (out / "model").exists(), "the run finished before the kill: the test proved nothing"
     newest = sorted((out / "checkpoints").glob("step-*/state.json"))[-1]
     return json.loads(newest.read_text())
@@ -162,7 +190,7 @@ def test_kill_minus_nine_on_two_processes_resumes_on_one(tmp_path, gta5_manifest
     samples = json.loads(Path(gta5_manifest).read_text())["num_samples"]
     end = samples // 2 * 2  # what two ranks plan per epoch
     steps_left = -(-(end - consumed) // 4) + 1  # global batch 4 kept: grad_accum 1 -> 2; one step into the next
-    proc = segda(*cmd[:2], "--max-steps", state["step"] + steps_left, *cmd[4:], "--out", out, "--resume", "auto")
+    proc = segda_here(*cmd[:2], "--max-steps", state["step"] + steps_left, *cmd[4:], "--out", out, "--resume", "auto")
     assert "train.grad_accum becomes 2, keeping the global batch of 4" in proc.stderr
     trained = _epoch_keys(out, epoch)
     assert len(trained) == len(set(trained)) == end, "the interrupted epoch: every planned sample once, across both"
@@ -244,7 +272,7 @@ def test_a_checkpoint_that_only_some_nodes_see_stops_every_rank_with_the_cause(t
     as on nodes without a shared filesystem. Every rank must stop naming the cause, not hang or diverge."""
     cmd = args(gta5_manifest, "train.checkpoint_every=2", "data.crop_size=64x64", max_steps=4)
     seen = tmp_path / "seen"
-    segda(*cmd, "--out", seen)
+    segda_here(*cmd, "--out", seen)
     port = _free_port()
     procs = []
     for machine, out in ((0, seen), (1, tmp_path / "unseen")):

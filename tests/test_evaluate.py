@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_MODEL, accelerate_launch, segda
+from helpers import TINY_MODEL, accelerate_launch, segda_here
 from segda.classes import NUM_CLASSES
 from segda.evaluate import InferenceOptions, confusion_update, predict_logits
 from segda.log import SegdaError
@@ -58,10 +58,10 @@ def test_miou_matches_an_independent_computation_exactly():
 def models(tmp_path_factory, gta5_manifest, cityscapes_manifest):
     root = tmp_path_factory.mktemp("models")
     common = ["--set", "data.batch_size=2", "data.workers=0", "data.crop_size=64x64", "data.base_size=160x88"]
-    segda("pretrain", DEMO / "pretrain.yaml", "--out", root / "src", "--max-steps", 3, *common,
-          f"data.train={gta5_manifest}", TINY_MODEL)
-    segda("adapt", DEMO / "adapt.yaml", "--out", root / "lora", "--max-steps", 2, *common,
-          f"data.train={cityscapes_manifest}", f"model.name_or_path={root / 'src' / 'model'}")
+    segda_here("pretrain", DEMO / "pretrain.yaml", "--out", root / "src", "--max-steps", 3, *common,
+               f"data.train={gta5_manifest}", TINY_MODEL)
+    segda_here("adapt", DEMO / "adapt.yaml", "--out", root / "lora", "--max-steps", 2, *common,
+               f"data.train={cityscapes_manifest}", f"model.name_or_path={root / 'src' / 'model'}")
     return root / "src" / "model", root / "lora" / "adapter"
 
 
@@ -72,7 +72,7 @@ def test_two_processes_two_workers_report_exactly_the_single_process_numbers(mod
     args = ["evaluate", "--model", f"source={base}", "--model", f"source+lora={adapter}",
             "--data", f"gta5={gta5_manifest}", "--data", f"cs={cityscapes_manifest}", "--eval-size", "160x88",
             "--workers", "2", "--batch-size", "3"]
-    segda(*args, "--out", tmp_path / "one")
+    segda_here(*args, "--out", tmp_path / "one")
     accelerate_launch(*args, "--out", tmp_path / "two")
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert len(one["pairs"]) == 4
@@ -102,8 +102,8 @@ def test_adapter_on_the_wrong_base_is_refused_unless_overridden(models, tmp_path
     with pytest.raises(SegdaError, match="fingerprint"):
         load_any(str(adapter), base=str(tmp_path / "other"))
     assert load_any(str(adapter), base=str(tmp_path / "other"), allow_base_mismatch=True) is not None
-    proc = segda("evaluate", "--model", adapter, "--base", tmp_path / "other", "--data", cityscapes_manifest,
-                 "--out", tmp_path / "r", check=False)
+    proc = segda_here("evaluate", "--model", adapter, "--base", tmp_path / "other", "--data", cityscapes_manifest,
+                      "--out", tmp_path / "r", check=False)
     assert proc.returncode == 2 and "--allow-base-mismatch" in proc.stderr
 
 
@@ -163,7 +163,7 @@ def test_predict_writes_the_masks_evaluation_scores(models, tmp_path):
     _, adapter = models
     rgb = np.random.default_rng(1).integers(0, 256, (70, 130, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "frame.png")
-    segda("predict", adapter, tmp_path / "frame.png", "--out", tmp_path / "out", "--eval-size", "128x64")
+    segda_here("predict", adapter, tmp_path / "frame.png", "--out", tmp_path / "out", "--eval-size", "128x64")
     mask = np.asarray(Image.open(tmp_path / "out" / "frame.png"))
     assert mask.shape == (70, 130) and mask.dtype == np.uint8 and mask.max() < NUM_CLASSES
     assert Image.open(tmp_path / "out" / "frame_overlay.png").size == (130, 70)
@@ -183,7 +183,7 @@ def test_export_merges_the_adapter_into_a_plain_model(models, tmp_path):
     from segda.evaluate import load_any
 
     _, adapter = models
-    segda("export", adapter, "--out", tmp_path / "merged")
+    segda_here("export", adapter, "--out", tmp_path / "merged")
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     merged = SegformerForSemanticSegmentation.from_pretrained(tmp_path / "merged", use_safetensors=True).eval()
     adapted = load_any(str(adapter)).eval()
@@ -200,9 +200,9 @@ def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models
     from segda.evaluate import evaluate_matrix
 
     base, first = models
-    segda("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "lora2", "--max-steps", 2, "--set", "data.batch_size=2",
-          "data.workers=0", "data.crop_size=64x64", "data.base_size=160x88", "train.seed=1", "optim.lr=0.003",
-          f"data.train={cityscapes_manifest}", f"model.name_or_path={base}")
+    segda_here("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "lora2", "--max-steps", 2, "--set",
+               "data.batch_size=2", "data.workers=0", "data.crop_size=64x64", "data.base_size=160x88", "train.seed=1",
+               "optim.lr=0.003", f"data.train={cityscapes_manifest}", f"model.name_or_path={base}")
     second = tmp_path / "lora2" / "adapter"
     data_cfg, opts = DataConfig(workers=0, eval_size="160x88"), InferenceOptions(eval_size=(160, 88))
     built = []
@@ -238,6 +238,6 @@ def test_adapters_of_one_base_load_it_once_and_score_as_when_loaded_alone(models
     assert together["a"] == alone["a"] == together["a-again"] and together["b"] == alone["b"]
     assert together["c"] == alone["c"]
     assert together["a"] != together["b"], "two different adapters must score differently"
-    proc = segda("bench", "adapters", first, second, "--data", cityscapes_manifest, "--eval-size", "160x88",
-                 "--repeats", 1)
+    proc = segda_here("bench", "adapters", first, second, "--data", cityscapes_manifest, "--eval-size", "160x88",
+                      "--repeats", 1)
     assert "identical scores: True" in proc.stderr and "evaluate adapters speed" in proc.stdout

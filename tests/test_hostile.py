@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import TINY_MODEL, cpu_env, segda
+from helpers import TINY_MODEL, cpu_env, segda, segda_here
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
 
 def fails(*args, **kw) -> str:
-    proc = segda(*args, check=False, **kw)
+    """`segda ARGS` must exit 2 with a message, no traceback: in this process, or in its own with `timeout=`."""
+    proc = segda(*args, check=False, **kw) if kw else segda_here(*args, check=False)
     assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
@@ -57,7 +58,7 @@ def test_an_image_with_valid_checksums_but_corrupt_pixels_is_not_counted(raw_gta
     _corrupt_png_body(raw_gta5 / "images" / "00003.png")
     with Image.open(raw_gta5 / "images" / "00003.png") as im:
         im.verify()  # what the creator used to rely on: it passes
-    segda("shards", "gta5", raw_gta5, tmp_path / "out")
+    segda_here("shards", "gta5", raw_gta5, tmp_path / "out")
     manifest = json.loads((tmp_path / "out" / "train-manifest.json").read_text())
     assert manifest["num_samples"] == 5 and manifest["skipped"][0]["file"] == "images/00003.png"
     err = fails("shards", "gta5", raw_gta5, tmp_path / "strict", "--strict")
@@ -95,7 +96,7 @@ def test_a_rerun_after_editing_a_raw_file_rebuilds_its_shard(raw_gta5, tmp_path)
     edited = (tmp_path / "other" / "images" / "00001.png").read_bytes()
     (raw_gta5 / "images" / "00001.png").write_bytes(edited)  # the user fixes a frame of the finished shard
     label.write_bytes(good_label)
-    segda("shards", "gta5", raw_gta5, out, "--shard-size", 3)
+    segda_here("shards", "gta5", raw_gta5, out, "--shard-size", 3)
     from segda import codec
     from segda.data.transforms import decode_image
 
@@ -167,7 +168,7 @@ def test_an_output_that_is_an_existing_file_is_refused_and_kept(command, tmp_pat
 
 @pytest.mark.parametrize("flag,value", [("--workers", "-3"), ("--quality", "500"), ("--workers", "two")])
 def test_out_of_range_creator_arguments_are_refused(flag, value, raw_gta5, tmp_path):
-    proc = segda("shards", "gta5", raw_gta5, tmp_path / "out", flag, value, check=False)
+    proc = segda_here("shards", "gta5", raw_gta5, tmp_path / "out", flag, value, check=False)
     assert proc.returncode == 2 and flag in proc.stderr and not (tmp_path / "out").exists()
 
 
@@ -183,8 +184,8 @@ def test_predict_never_overwrites_one_result_with_another(tmp_path):
     for folder, value in (("a", 40), ("b", 200)):
         (tmp_path / folder).mkdir()
         cv2.imwrite(str(tmp_path / folder / "frame.png"), np.full((32, 48, 3), value, np.uint8))
-    segda("predict", model, tmp_path / "a" / "frame.png", tmp_path / "b" / "frame.png", "--out", tmp_path / "masks",
-          "--eval-size", "48x32")
+    segda_here("predict", model, tmp_path / "a" / "frame.png", tmp_path / "b" / "frame.png",
+               "--out", tmp_path / "masks", "--eval-size", "48x32")
     assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == [
         "a__frame.png", "a__frame_overlay.png", "b__frame.png", "b__frame_overlay.png"]
     err = fails("predict", model, tmp_path / "a" / "frame.png", tmp_path / "a" / "frame.png", "--out", tmp_path / "m2")
@@ -247,7 +248,7 @@ def test_a_damaged_checkpoint_is_named_and_a_failed_run_says_so(tmp_path, gta5_m
     args = ["pretrain", DEMO / "pretrain.yaml", "--out", run, "--max-steps", 4, "--set", f"data.train={gta5_manifest}",
             "data.batch_size=2", "data.workers=0", "data.crop_size=32x32", "data.base_size=160x88",
             "train.checkpoint_every=2", TINY_MODEL]
-    segda(*args)
+    segda_here(*args)
     optimizer = run / "checkpoints" / "step-000002" / "optimizer.safetensors"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     # The same settings would find a finished run with nothing to do; a longer run resumes from its checkpoint.

@@ -248,18 +248,18 @@ def test_a_manifest_index_that_does_not_match_its_shard_is_named(city_shards, tm
 
 @pytest.mark.slow
 def test_segda_index_adds_offsets_to_an_old_manifest(city_shards, tmp_path):
-    from helpers import segda
+    from helpers import segda_here
 
     folder = tmp_path / "s"
     shutil.copytree(city_shards, folder)
     old = folder / "train-manifest-no-offsets.json"
-    proc = segda("index", old)
+    proc = segda_here("index", old)
     assert "indexed 60 samples in 4 shard(s)" in proc.stderr
     assert json.loads(old.read_text())["shards"] == json.loads((folder / "train-manifest.json").read_text())["shards"]
     assert resolve_dataset(str(old)).indexed
     (folder / "train-000002.tar").write_bytes(b"")  # a shard that no longer matches: refused, manifest kept
     before = old.read_text()
-    proc = segda("index", old, check=False)
+    proc = segda_here("index", old, check=False)
     assert proc.returncode == 2 and "train-000002.tar holds 0 samples" in proc.stderr and old.read_text() == before
 
 

@@ -268,15 +268,15 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def uda_setup(tmp_path_factory, gta5_manifest):
     """A tiny GTA5-pretrained base, and image-only target shards: no target label exists for the method to use."""
-    from helpers import TINY_MODEL, segda
+    from helpers import TINY_MODEL, segda_here
     from segda.shards.encode import EncodeOptions
     from segda.shards.synth import synth_cityscapes
     from segda.shards.writer import CreateOptions, create_shards, manifest_path
 
     root = tmp_path_factory.mktemp("uda")
-    segda("pretrain", REPO / "configs" / "demo" / "pretrain.yaml", "--out", root / "base", "--max-steps", 3,
-          "--set", f"data.train={gta5_manifest}", "data.batch_size=2", "data.workers=0", "data.crop_size=64x64",
-          "data.base_size=160x88", TINY_MODEL)
+    segda_here("pretrain", REPO / "configs" / "demo" / "pretrain.yaml", "--out", root / "base", "--max-steps", 3,
+               "--set", f"data.train={gta5_manifest}", "data.batch_size=2", "data.workers=0", "data.crop_size=64x64",
+               "data.base_size=160x88", TINY_MODEL)
     synth_cityscapes(root / "raw", "train", 9, size=(160, 80))
     create_shards("images", root / "raw" / "leftImg8bit", root / "target", EncodeOptions("images", "train"),
                   CreateOptions(shard_size=4), progress=False)
@@ -302,11 +302,11 @@ def test_selftraining_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(t
     lines of steps 1-4 are marked before the resume: a resume that restarted from step 0 would rewrite them."""
     import json
 
-    from helpers import segda, segda_killed_at
+    from helpers import segda_here, segda_killed_at
 
     args = _selftrain_args(uda_setup, gta5_manifest, "train.checkpoint_every=2", "train.log_samples=true")
     steps = ["--max-steps", "7"]
-    segda(*args[:2], "--out", tmp_path / "straight", *steps, *args[2:])
+    segda_here(*args[:2], "--out", tmp_path / "straight", *steps, *args[2:])
     victim = tmp_path / "killed"
     segda_killed_at(victim / "checkpoints" / "step-000004", *args[:2], "--out", victim, *steps, *args[2:])
     assert not (victim / "adapter").exists(), "the run finished before the kill: the test proved nothing"
@@ -314,7 +314,7 @@ def test_selftraining_killed_with_sigkill_resumes_to_the_uninterrupted_adapter(t
     log = victim / "samples" / "rank-0.jsonl"
     marked = [{**json.loads(line), "before_kill": True} for line in log.read_text().splitlines()]
     log.write_text("".join(json.dumps(m) + "\n" for m in marked))
-    segda(*args[:2], "--out", victim, "--resume", "auto", *steps, *args[2:])
+    segda_here(*args[:2], "--out", victim, "--resume", "auto", *steps, *args[2:])
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 8))
     assert [x.get("before_kill", False) for x in lines] == [True] * 4 + [False] * 3, "resumed at step 4"
@@ -352,10 +352,10 @@ def test_after_one_step_the_saved_teacher_is_half_the_start_and_half_the_student
     starts at zero, so the teacher's B is half the student's; the classifier starts at the base's."""
     from safetensors.torch import load_file
 
-    from helpers import segda
+    from helpers import segda_here
 
-    segda(*_selftrain_args(uda_setup, gta5_manifest, "adapt.save=teacher"), "--out", tmp_path / "one",
-          "--max-steps", "1")
+    segda_here(*_selftrain_args(uda_setup, gta5_manifest, "adapt.save=teacher"), "--out", tmp_path / "one",
+               "--max-steps", "1")
     teacher, student = _adapter(tmp_path / "one" / "adapter"), _adapter(tmp_path / "one" / "adapter-student")
     base = load_file(str(uda_setup["base"] / "model.safetensors"))
     b_keys = [k for k in student if "lora_B" in k]

@@ -245,9 +245,9 @@ def test_the_target_look_changes_each_material_in_its_own_way_so_no_global_colou
 
 
 def test_synth_cli_refuses_a_gap_out_of_range_or_for_another_dataset(tmp_path):
-    from helpers import segda
+    from helpers import segda_here
 
-    proc = segda("synth", "cityscapes", tmp_path / "a", "--gap", "2", check=False)
+    proc = segda_here("synth", "cityscapes", tmp_path / "a", "--gap", "2", check=False)
     assert proc.returncode != 0 and "--gap 2" in proc.stderr and "0 (no gap) to 1" in proc.stderr
-    proc = segda("synth", "gta5", tmp_path / "b", "--gap", "0.5", check=False)
+    proc = segda_here("synth", "gta5", tmp_path / "b", "--gap", "0.5", check=False)
     assert proc.returncode != 0 and "gta5 has none" in proc.stderr

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_MODEL, segda, segda_killed_at
+from helpers import TINY_MODEL, segda_here, segda_killed_at
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo"
 
@@ -24,8 +24,8 @@ def common(train_manifest, *extra) -> list[str]:
 def pretrained(tmp_path_factory, gta5_manifest, cityscapes_manifest):
     """One tiny pretrain run (1 process) shared by the adapt tests."""
     out = tmp_path_factory.mktemp("pretrain") / "run"
-    segda("pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 4,
-          *common(gta5_manifest, f"data.val={cityscapes_manifest}", TINY_MODEL, "train.checkpoint_every=2"))
+    segda_here("pretrain", DEMO / "pretrain.yaml", "--out", out, "--max-steps", 4,
+               *common(gta5_manifest, f"data.val={cityscapes_manifest}", TINY_MODEL, "train.checkpoint_every=2"))
     return out
 
 
@@ -64,9 +64,9 @@ def expected_adapter_keys(base_dir: Path, targets: list[str]) -> set[str]:
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, pretrained, cityscapes_manifest):
     out = tmp_path_factory.mktemp("adapt") / "run"
-    segda("adapt", DEMO / "adapt.yaml", "--out", out, "--max-steps", 3,
-          *common(cityscapes_manifest, f"model.name_or_path={pretrained / 'model'}", f"data.val={cityscapes_manifest}",
-                  "lora.dropout=0.1"))
+    segda_here("adapt", DEMO / "adapt.yaml", "--out", out, "--max-steps", 3,
+               *common(cityscapes_manifest, f"model.name_or_path={pretrained / 'model'}",
+                       f"data.val={cityscapes_manifest}", "lora.dropout=0.1"))
     return out
 
 
@@ -112,18 +112,18 @@ def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, 
 
 @pytest.mark.slow
 def test_adapt_refuses_a_missing_base_with_a_clear_error(tmp_path, cityscapes_manifest):
-    proc = segda("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "r", "--max-steps", 1,
-                 *common(cityscapes_manifest, f"model.name_or_path={tmp_path / 'nope'}"), check=False)
+    proc = segda_here("adapt", DEMO / "adapt.yaml", "--out", tmp_path / "r", "--max-steps", 1,
+                      *common(cityscapes_manifest, f"model.name_or_path={tmp_path / 'nope'}"), check=False)
     assert proc.returncode == 2 and "nope" in proc.stderr and "config.json" in proc.stderr
 
 
 @pytest.mark.slow
 def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
-    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "train.max_step=3",
-                 check=False)
+    proc = segda_here("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "train.max_step=3",
+                      check=False)
     assert proc.returncode == 2 and "train.max_step" in proc.stderr and "train.max_steps" in proc.stderr
-    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "lora.head=everything",
-                 check=False)
+    proc = segda_here("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--set", "lora.head=everything",
+                      check=False)
     assert proc.returncode == 2 and "lora.head" in proc.stderr and "classifier+norm" in proc.stderr
 
 
@@ -214,10 +214,10 @@ def test_loss_of_a_batch_without_valid_pixels_is_zero_not_nan():
 def test_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, gta5_manifest, clip):
     """lr=1e30: the first step leaves huge weights, the next loss is infinite. That step is skipped on the device;
     the host finds out at the next log line or checkpoint, and no weights with a NaN are ever written."""
-    proc = segda("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--max-steps", 6,
-                 *common(gta5_manifest, TINY_MODEL, "optim.lr=1e30", "optim.warmup_steps=0", "train.log_every=6",
-                         f"optim.clip_grad_norm={clip}", "optim.head_lr_mult=1", "train.checkpoint_every=1",
-                         "train.keep_checkpoints=10"), check=False)
+    proc = segda_here("pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--max-steps", 6,
+                      *common(gta5_manifest, TINY_MODEL, "optim.lr=1e30", "optim.warmup_steps=0", "train.log_every=6",
+                              f"optim.clip_grad_norm={clip}", "optim.head_lr_mult=1", "train.checkpoint_every=1",
+                              "train.keep_checkpoints=10"), check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "non-finite loss" in proc.stderr and "--resume auto" in proc.stderr
     assert not (tmp_path / "r" / "model").exists()
@@ -236,11 +236,11 @@ def test_kill_minus_nine_and_resume_gives_the_uninterrupted_weights(tmp_path, gt
     args = ["pretrain", str(DEMO / "pretrain.yaml"), "--max-steps", "12",
             *common(gta5_manifest, TINY_MODEL, "train.checkpoint_every=3", "data.workers=2",
                     "data.crop_size=128x96", "data.photometric=true")]
-    segda(*args[:2], "--out", tmp_path / "straight", *args[2:])
+    segda_here(*args[:2], "--out", tmp_path / "straight", *args[2:])
     victim = tmp_path / "killed"
     segda_killed_at(victim / "checkpoints" / "step-000006", *args[:2], "--out", victim, *args[2:])
     assert not (victim / "model").exists(), "the run finished before the kill: the test proved nothing"
-    segda(*args[:2], "--out", victim, "--resume", "auto", *args[2:])
+    segda_here(*args[:2], "--out", victim, "--resume", "auto", *args[2:])
     a, b = _final_tensors(tmp_path / "straight"), _final_tensors(victim)
     assert a.keys() == b.keys()
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
@@ -258,12 +258,12 @@ def test_a_new_run_refuses_an_out_dir_with_old_checkpoints_and_resume_refuses_ch
     shutil.copytree(pretrained, run)
     args = ["pretrain", DEMO / "pretrain.yaml", "--out", run, "--max-steps", 4,
             *common(gta5_manifest, TINY_MODEL, "train.checkpoint_every=2")]
-    proc = segda(*args, check=False)
+    proc = segda_here(*args, check=False)
     assert proc.returncode == 2 and "--resume auto" in proc.stderr
-    proc = segda(*args[:-1], "data.batch_size=4", "--resume", "auto", check=False)  # batch size changed
+    proc = segda_here(*args[:-1], "data.batch_size=4", "--resume", "auto", check=False)  # batch size changed
     assert proc.returncode == 2 and "data.batch_size" in proc.stderr
-    proc = segda("adapt", DEMO / "adapt.yaml", "--out", run, "--max-steps", 4, "--resume", "auto",
-                 *common(gta5_manifest, f"model.name_or_path={pretrained / 'model'}"), check=False)
+    proc = segda_here("adapt", DEMO / "adapt.yaml", "--out", run, "--max-steps", 4, "--resume", "auto",
+                      *common(gta5_manifest, f"model.name_or_path={pretrained / 'model'}"), check=False)
     assert proc.returncode == 2 and "resume it with `segda pretrain`" in proc.stderr
 
 
