@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import segda
+from helpers import segda_here
 
 
 @pytest.mark.slow
@@ -14,7 +14,7 @@ def test_demo_smoke_runs_every_stage_under_two_processes(tmp_path):
     from segda.demo import SMOKE, mixed_precision
 
     out = tmp_path / "demo"
-    proc = segda("demo", "--smoke", "--processes", "2", "--out", out, timeout=600)
+    proc = segda_here("demo", "--smoke", "--processes", "2", "--out", out)  # its stages: 2-process launches
     report = json.loads((out / "report.json").read_text())
     pairs = {(p["model"], p["data"]) for p in report["pairs"]}
     rows = ("source", "source+colour", "source+uda-nopseudo", "source+uda", "source+lora")
