@@ -9,10 +9,26 @@ import pytest
 from servers import Faults, MotoS3, http_file_server
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject's addopts): one worker per core, at most 4. Each worker builds the session's shards
     and servers for itself, and many tests start two or three processes of their own."""
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    return max(1, min(_cores(), 4))
+
+
+def pytest_configure(config) -> None:
+    """In an xdist worker, torch's threads are the worker's share of the cores (OMP_NUM_THREADS too, which the
+    trainer's thread policy respects): workers with a thread per core each would spin against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        share = max(1, _cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 @pytest.fixture

@@ -81,35 +81,53 @@ class Ran:
         self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def segda_here(*args, check: bool = True) -> Ran:
+def segda_here(*args, check: bool = True, timeout: float = 300) -> Ran:
     """`segda ARGS` in this process (no interpreter start-up: seconds saved per call), as the CLI runs it: the same
-    argument parsing, error handling and exit status. Accelerate's process-wide state is reset first."""
+    argument parsing, error handling and exit status, on the CPU with one thread as `cpu_env()` gives a subprocess.
+    stderr is caught at the file descriptor, so what forked loader workers and C code print is in `.stderr` too.
+    A call that runs past `timeout` seconds dumps every thread's stack and ends the test process (a subprocess
+    would have been killed): a hang fails the suite instead of stalling it."""
     import contextlib
+    import faulthandler
     import io
+    import tempfile
+    from unittest import mock
 
     from accelerate.state import AcceleratorState
 
     from segda import cli, log
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    out, err = io.StringIO(), io.StringIO()
+    out = io.StringIO()
     saved = {k: os.environ.get(k) for k in ("ACCELERATE_USE_CPU", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
     os.environ.update(ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # as cpu_env()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a subprocess: the same sums as `segda` there, bit for bit
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli.main([str(a) for a in args])
-            except SystemExit as stop:  # argparse refusing an argument
-                code = stop.code if isinstance(stop.code, int) else 2
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        log.set_main_process(True)
-        torch.set_num_threads(threads)
-        AcceleratorState._reset_state(reset_partial_state=True)
-    ran = Ran(code, out.getvalue(), err.getvalue())
+    sys.stderr.flush()
+    stderr_fd = os.dup(2)
+    with tempfile.TemporaryFile("w+", buffering=1) as err:
+        os.dup2(err.fileno(), 2)
+        faulthandler.dump_traceback_later(timeout, exit=True, file=stderr_fd)
+        try:
+            # CUDA_VISIBLE_DEVICES is read once, when CUDA starts: a GPU this process already saw stays out of reach
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                    mock.patch("torch.cuda.is_available", return_value=False):
+                try:
+                    code = cli.main([str(a) for a in args])
+                except SystemExit as stop:  # argparse refusing an argument
+                    code = stop.code if isinstance(stop.code, int) else 2
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            err.flush()
+            os.dup2(stderr_fd, 2)
+            os.close(stderr_fd)
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            log.set_main_process(True)
+            torch.set_num_threads(threads)
+            AcceleratorState._reset_state(reset_partial_state=True)
+        err.seek(0)
+        ran = Ran(code, out.getvalue(), err.read())
     if check and code != 0:
         raise AssertionError(f"segda {' '.join(map(str, args))} failed ({code}):\n{ran.stderr[-4000:]}")
     return ran

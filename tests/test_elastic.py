@@ -4,6 +4,7 @@ SLURM script requeueing itself; and resumes that prove they continued rather tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -139,10 +140,18 @@ def test_a_changed_learning_rate_on_resume_takes_effect_and_says_so(preempted, g
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc), children first."""
+    """Every process below `pid` (Linux /proc), each before its own children; one that exits meanwhile is skipped."""
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        for child in children:
             found += [int(child), *_descendants(int(child))]
     return found
 
@@ -152,7 +161,8 @@ def _wait_until_gone(pids: list[int], seconds: float = 10) -> None:
     resume started at once could still find the lock held; a requeued job starts seconds later."""
     deadline = time.monotonic() + seconds
     for pid in pids:
-        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+            assert time.monotonic() < deadline, f"process {pid} still runs {seconds} s after SIGKILL"
             time.sleep(0.02)
 
 
@@ -168,7 +178,8 @@ def _kill_after_checkpoint(proc: subprocess.Popen, out: Path) -> dict:
              "the step-2 checkpoint")
     tree = [proc.pid, *_descendants(proc.pid)]
     for pid in tree:  # the ranks too: torch's launcher starts each in a session of its own
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     _wait_until_gone(tree[1:])
     assert not (out / "model").exists(), "the run finished before the kill: the test proved nothing"

@@ -419,8 +419,8 @@ def test_unknown_lora_targets_are_named(gta5_manifest, tmp_path):
     (["shards", "gta5", "raw", "--resize", "60000x30000"], "--resize"),
     (["predict", "m", "a.png", "--out", "o", "--mode", "slide", "--crop", "16"], "at least 32x32"),
 ])
-def test_bad_flags_are_named(tmp_path, flags, named):
-    os.chdir(tmp_path)
+def test_bad_flags_are_named(tmp_path, flags, named, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths land there; the next test runs where it started
     err = refused(*flags)
     assert named in err, err
 
