@@ -369,6 +369,25 @@ def test_after_one_step_the_saved_teacher_is_half_the_start_and_half_the_student
         assert torch.allclose(teacher[k], 0.5 * start + 0.5 * student[k], atol=1e-6), k
 
 
+def test_each_metrics_line_says_what_share_of_the_target_the_teacher_was_sure_of(tmp_path, uda_setup, gta5_manifest):
+    """pseudo_confident_share: the confident share of the usable target pixels (DAFormer's batch weight). Any
+    confidence passes a threshold of 1e-6, so it is exactly 1 there, with padding and cropped rows left out of the
+    count; no pixel reaches a probability of 1 exactly; with no pseudo-labels there is no figure."""
+    from helpers import segda_here
+
+    def shares(name, *sets):
+        run = tmp_path / name
+        segda_here(*_selftrain_args(uda_setup, gta5_manifest, "train.log_every=1", "adapt.pseudo_ignore_top=5",
+                                    "adapt.pseudo_ignore_bottom=20", "data.scale_range=[0.5, 0.75]", *sets),
+                   "--out", run, "--max-steps", "2")
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [line.get("pseudo_confident_share") for line in lines if "loss" in line]
+
+    assert shares("sure", "adapt.pseudo_threshold=1e-6") == [1.0, 1.0]
+    assert shares("never", "adapt.pseudo_threshold=1", "adapt.pseudo_weight=pixel") == [0.0, 0.0]
+    assert shares("none", "adapt.pseudo_loss_weight=0") == [None, None]
+
+
 def test_a_labelled_target_gives_the_crops_of_its_image_only_shards(tmp_path, gta5_manifest):
     """The target's labels, when its shards have them, are never used: not even to steer its crops."""
     from segda.config import Config

@@ -9,6 +9,7 @@ checkpoints (torchtitan's "stateful parts"); the loop does the rest (steps, logg
         loss = method.loss(inputs, student, ctx)          # device work (normalising, masks, forwards), inside the
                                                           # loop's accumulate / backward / step
         method.after_step(step)                           # once per optimizer step
+    method.log_metrics()                                  # its own device scalars for each metrics line
     method.state_dict() / method.load_state_dict(...)     # travels in every checkpoint
 
 `Supervised` (supervised.py) is the labelled batch's cross-entropy (pretrain, and adapt with target labels).

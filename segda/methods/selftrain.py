@@ -40,6 +40,7 @@ class SelfTraining:
         self.teacher: list[torch.Tensor] | None = None
         self.module = None
         self.micro = 0  # micro-batches since the last optimizer step: seeds ClassMix under grad_accum
+        self.confident, self.batches = None, 0  # the teacher's confident shares summed since the last metrics line
 
     def bind(self, module) -> None:
         self.module = module
@@ -196,7 +197,19 @@ class SelfTraining:
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         usable = dacs.valid_pixels(valid, height, width, a.pseudo_ignore_top, a.pseudo_ignore_bottom)
         pseudo, weight = dacs.pseudo_labels(logits, usable, self.threshold, mode=a.pseudo_weight)
+        # every mode's weights average to the confident share over the usable pixels (on the device: no wait)
+        share = weight.sum() / usable.sum().clamp(min=1)
+        self.confident, self.batches = share if self.confident is None else self.confident + share, self.batches + 1
         return pseudo, weight * a.pseudo_loss_weight
+
+    def log_metrics(self) -> dict[str, torch.Tensor]:
+        """For the metrics line, device scalars averaged since the last one: `pseudo_confident_share`, the share of
+        usable target pixels the teacher labelled with confidence >= adapt.pseudo_threshold (DAFormer's pseudo-label
+        weight under `pseudo_weight: batch`). Absent when no pseudo-label was made (pseudo_loss_weight 0)."""
+        if not self.batches:
+            return {}
+        share, self.confident, self.batches = self.confident / self.batches, None, 0
+        return {"pseudo_confident_share": share}
 
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

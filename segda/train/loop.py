@@ -68,7 +68,8 @@ def after_step(t) -> float:
     busy = 0.0
     if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
         check_skipped_steps(t)
-        t.last = {"step": state.step, **t.window.read(t.accelerator), "lr": t.scheduler.get_last_lr()[0],
+        t.last = {"step": state.step, **t.window.read(t.accelerator, t.method.log_metrics()),
+                  "lr": t.scheduler.get_last_lr()[0],
                   "img_per_s": state.images / max(state.train_seconds, 1e-9),
                   **t.phases.read_window(cfg.log_every if state.step % cfg.log_every == 0 else 1)}
         state.data_wait_seconds += t.last["data_wait_s"]

@@ -90,14 +90,18 @@ class Window:
         self.loss += loss.float()
         self.count += 1
 
-    def read(self, accelerator) -> dict:
+    def read(self, accelerator, method_metrics: dict | None = None) -> dict:
         """Call on every rank (it gathers): the loss averaged over ranks and micro-batches; the data wait of the
         rank that waited longest (under DDP every rank then waits for it in the all-reduce), as seconds and as a
-        share of the line's whole wall time (logging, checkpoints and evaluation included)."""
+        share of the line's whole wall time (logging, checkpoints and evaluation included); the method's own
+        device scalars (`method.log_metrics()`, the same names on every rank), averaged over ranks."""
         seconds = time.perf_counter() - self.started
-        local = torch.stack([self.loss / max(self.count, 1), torch.tensor(self.data_wait, device=self.device)])
-        both = accelerator.gather(local[None].double()).reshape(-1, 2)
-        loss, wait = float(both[:, 0].mean()), float(both[:, 1].max())
+        extra = method_metrics or {}
+        local = torch.stack([self.loss / max(self.count, 1), torch.tensor(self.data_wait, device=self.device),
+                             *(v.detach().to(self.device, torch.float32) for v in extra.values())])
+        rows = accelerator.gather(local[None].double()).reshape(-1, 2 + len(extra))
+        loss, wait = float(rows[:, 0].mean()), float(rows[:, 1].max())
         out = {"loss": loss, "data_wait_s": wait, "data_wait_share": min(wait / max(seconds, 1e-9), 1.0)}
+        out.update({name: float(rows[:, 2 + i].mean()) for i, name in enumerate(extra)})
         self.reset()
         return out
