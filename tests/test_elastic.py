@@ -166,6 +166,23 @@ def _wait_until_gone(pids: list[int], seconds: float = 10) -> None:
             time.sleep(0.02)
 
 
+def _wait_until_unlocked(lock: Path, who: str, seconds: float = 10) -> None:
+    """The run folder's lock is free again: a killed process's POSIX lock goes when it exits."""
+    import fcntl
+
+    deadline = time.monotonic() + seconds
+    while True:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{lock} still locked {seconds} s after SIGKILL ({who})"
+        finally:
+            os.close(fd)  # closing it drops this probe's own lock
+        time.sleep(0.05)
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -177,11 +194,13 @@ def _kill_after_checkpoint(proc: subprocess.Popen, out: Path) -> dict:
     wait_for(lambda: (out / "checkpoints" / "step-000002" / "state.json").is_file() or proc.poll() is not None,
              "the step-2 checkpoint")
     tree = [proc.pid, *_descendants(proc.pid)]
-    for pid in tree:  # the ranks too: torch's launcher starts each in a session of its own
+    owner = json.loads((out / ".segda-lock").read_text())["pid"]  # rank 0: the process holding the run folder
+    for pid in dict.fromkeys([*tree, owner]):  # the ranks too: torch's launcher starts each in its own session
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
-    _wait_until_gone(tree[1:])
+    _wait_until_gone(list(dict.fromkeys([*tree[1:], owner])))
+    _wait_until_unlocked(out / ".segda-lock", f"launch {proc.pid}, its processes {tree[1:]}, lock owner {owner}")
     assert not (out / "model").exists(), "the run finished before the kill: the test proved nothing"
     newest = sorted((out / "checkpoints").glob("step-*/state.json"))[-1]
     return json.loads(newest.read_text())
