@@ -38,10 +38,13 @@ def _add_train(sub, stage: str, help_: str) -> None:
 
 def _run_train(args) -> int:
     from segda.config import load_config
+    from segda.launchenv import refuse_deepspeed_under_cpu_flag
     from segda.modelfiles import check_model_folder
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
-    # Before torch loads: a mistyped key or base folder is named in a fraction of a second, not after five.
+    # Before torch loads: a mistyped key or base folder, or a launch that cannot give what its config asks, is
+    # named in a fraction of a second, not after five.
+    refuse_deepspeed_under_cpu_flag()
     cfg = load_config(args.config, overrides)
     if not (args.resume == "auto" and _finished(args.out)):  # a finished run needs no base: `nothing to resume`
         check_model_folder(cfg.model.name_or_path)

@@ -179,3 +179,25 @@ def test_deepspeed_under_accelerate_use_cpu_is_refused(ddp_base, cityscapes_mani
     assert proc.returncode != 0
     assert "asks for DeepSpeed" in proc.stderr and "unset ACCELERATE_USE_CPU" in proc.stderr
     assert not (tmp_path / "r" / "adapter").exists()
+
+
+def test_a_library_caller_is_refused_too_when_deepspeed_became_plain_ddp(monkeypatch):
+    """The CLI refuses ACCELERATE_USE_CPU with a DeepSpeed launch before torch loads; `segda.train.train` called
+    from Python checks what Accelerate actually set up."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from segda.log import SegdaError
+    from segda.train.setup import _refuse_silent_deepspeed_loss
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(SegdaError, match="would be MULTI_CPU .*unset ACCELERATE_USE_CPU"):
+        _refuse_silent_deepspeed_loss(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    with pytest.raises(SegdaError, match="import deepspeed"):
+        _refuse_silent_deepspeed_loss(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    _refuse_silent_deepspeed_loss(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    _refuse_silent_deepspeed_loss(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))

@@ -127,18 +127,24 @@ def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
     assert proc.returncode == 2 and "lora.head" in proc.stderr and "classifier+norm" in proc.stderr
 
 
-@pytest.mark.parametrize("override, named", [("train.max_step=3", "train.max_steps"),
-                                              ("model.name_or_path={tmp}/nope", "config.json")])
-def test_a_mistyped_key_or_base_folder_is_named_before_torch_is_imported(tmp_path, override, named):
+@pytest.mark.parametrize("override, env, named", [
+    ("train.max_step=3", {}, "train.max_steps"),
+    ("model.name_or_path={tmp}/nope", {}, "config.json"),
+    # what `accelerate launch --config_file deepspeed_zero2.yaml` exports, under ACCELERATE_USE_CPU=1
+    ("train.max_steps=3", {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "1"}, "unset ACCELERATE_USE_CPU"),
+])
+def test_a_mistyped_key_or_base_folder_is_named_before_torch_is_imported(tmp_path, override, env, named):
     """Loading torch and transformers takes seconds: a typo must not wait for it (and CLI tests stay fast)."""
+    import os
     import subprocess
     import sys
 
     probe = ("import sys; from segda.cli import main; rc = main(sys.argv[1:]); "
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
+    clean = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU")}
     proc = subprocess.run([sys.executable, "-c", probe, "adapt", str(DEMO / "adapt.yaml"), "--out",
                            str(tmp_path / "r"), "--set", override.format(tmp=tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**clean, **env})
     assert proc.returncode == 2 and named in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "NO-TORCH"
 

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from segda import adapters
+from segda import adapters, launchenv
 from segda.config import Config
 from segda.data.datasets import resolve_dataset
 from segda.data.loader import limit_main_threads
@@ -177,14 +177,10 @@ def make_accelerator(cfg: Config, out_dir: Path) -> Accelerator:
 
 def _refuse_silent_deepspeed_loss(accelerator: Accelerator) -> None:
     """A DeepSpeed launch config under ACCELERATE_USE_CPU=1 runs as plain DDP without a word: say so and stop."""
-    asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if asked and accelerator.distributed_type != DistributedType.DEEPSPEED:
+    if launchenv.flag("ACCELERATE_USE_DEEPSPEED") and accelerator.distributed_type != DistributedType.DEEPSPEED:
         where = accelerator.distributed_type.value
-        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-            raise SegdaError(f"the launch config asks for DeepSpeed, but this run would be {where} (no ZeRO "
-                             "sharding) because ACCELERATE_USE_CPU=1 is set: unset ACCELERATE_USE_CPU (DeepSpeed "
-                             "finds its CPU accelerator by itself), or launch with a config that is not DeepSpeed "
-                             "(launch/accelerate/cpu_ddp.yaml)")
+        if launchenv.flag("ACCELERATE_USE_CPU"):  # the CLI refuses this before torch loads; library callers here
+            raise SegdaError(launchenv.DEEPSPEED_UNDER_CPU_FLAG.format(where=where))
         raise SegdaError(f"the launch config asks for DeepSpeed, but Accelerate set up {where}: check that "
                          "`import deepspeed` works in this environment and that the config's distributed_type is "
                          "DEEPSPEED")
