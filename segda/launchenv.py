@@ -14,11 +14,12 @@ DEEPSPEED_UNDER_CPU_FLAG = (
 
 
 def flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+    """An environment switch as Accelerate reads it (its str_to_bool's true values)."""
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "y", "on", "t")
 
 
 def refuse_deepspeed_under_cpu_flag() -> None:
     """`accelerate launch` with a DeepSpeed config exports ACCELERATE_USE_DEEPSPEED; with ACCELERATE_USE_CPU=1 as
     well, Accelerate sets up plain CPU DDP without a word (no ZeRO sharding, no DeepSpeed checkpoints)."""
     if flag("ACCELERATE_USE_DEEPSPEED") and flag("ACCELERATE_USE_CPU"):
-        raise SegdaError(DEEPSPEED_UNDER_CPU_FLAG.format(where="plain CPU DDP"))
+        raise SegdaError(DEEPSPEED_UNDER_CPU_FLAG.format(where="plain CPU processes (DDP)"))

@@ -166,6 +166,16 @@ def _wait_until_gone(pids: list[int], seconds: float = 10) -> None:
             time.sleep(0.02)
 
 
+def _lock_owner(out: Path) -> list[int]:
+    """The segda process named in the run folder's lock file, if that process is still a segda process."""
+    try:
+        pid = int(json.loads((out / ".segda-lock").read_text())["pid"])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [pid] if b"segda" in command else []
+
+
 def _wait_until_unlocked(lock: Path, who: str, seconds: float = 10) -> None:
     """The run folder's lock is free again: a killed process's POSIX lock goes when it exits."""
     import fcntl
@@ -193,13 +203,14 @@ def _state(pid: int) -> str:
 def _kill_after_checkpoint(proc: subprocess.Popen, out: Path) -> dict:
     wait_for(lambda: (out / "checkpoints" / "step-000002" / "state.json").is_file() or proc.poll() is not None,
              "the step-2 checkpoint")
+    assert proc.poll() is None, f"the run ended before the step-2 checkpoint:\n{proc.communicate()[1][-3000:]}"
     tree = [proc.pid, *_descendants(proc.pid)]
-    owner = json.loads((out / ".segda-lock").read_text())["pid"]  # rank 0: the process holding the run folder
-    for pid in dict.fromkeys([*tree, owner]):  # the ranks too: torch's launcher starts each in its own session
+    owner = _lock_owner(out)  # rank 0, the process holding the run folder: in the tree, unless the walk missed it
+    for pid in dict.fromkeys([*tree, *owner]):  # the ranks too: torch's launcher starts each in its own session
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
-    _wait_until_gone(list(dict.fromkeys([*tree[1:], owner])))
+    _wait_until_gone(list(dict.fromkeys([*tree[1:], *owner])))
     _wait_until_unlocked(out / ".segda-lock", f"launch {proc.pid}, its processes {tree[1:]}, lock owner {owner}")
     assert not (out / "model").exists(), "the run finished before the kill: the test proved nothing"
     newest = sorted((out / "checkpoints").glob("step-*/state.json"))[-1]

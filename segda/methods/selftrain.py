@@ -203,9 +203,10 @@ class SelfTraining:
         return pseudo, weight * a.pseudo_loss_weight
 
     def log_metrics(self) -> dict[str, torch.Tensor]:
-        """For the metrics line, device scalars averaged since the last one: `pseudo_confident_share`, the share of
-        usable target pixels the teacher labelled with confidence >= adapt.pseudo_threshold (DAFormer's pseudo-label
-        weight under `pseudo_weight: batch`). Absent when no pseudo-label was made (pseudo_loss_weight 0)."""
+        """For the metrics line, device scalars since the last one: `pseudo_confident_share`, the share of usable
+        target pixels the teacher labelled with confidence >= adapt.pseudo_threshold (DAFormer's pseudo-label weight
+        under `pseudo_weight: batch`), each micro-batch's share averaged over the line's micro-batches (and ranks).
+        Absent when no pseudo-label was made (pseudo_loss_weight 0)."""
         if not self.batches:
             return {}
         share, self.confident, self.batches = self.confident / self.batches, None, 0
