@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import sys
 from pathlib import Path
 
@@ -40,13 +39,15 @@ def _run_train(args) -> int:
     from segda.config import load_config
     from segda.launchenv import refuse_deepspeed_under_cpu_flag
     from segda.modelfiles import check_model_folder
+    from segda.rundir import run_summary
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     # Before torch loads: a mistyped key or base folder, or a launch that cannot give what its config asks, is
     # named in a fraction of a second, not after five.
     refuse_deepspeed_under_cpu_flag()
     cfg = load_config(args.config, overrides)
-    if not (args.resume == "auto" and _finished(args.out)):  # a finished run needs no base: `nothing to resume`
+    finished = args.resume == "auto" and (run_summary(args.out) or {}).get("status") == "done"
+    if not finished:  # a finished run needs no base: train() says `nothing to resume` or what else it decides
         check_model_folder(cfg.model.name_or_path)
     from segda.train import train
     from segda.train.preempt import EXIT_PREEMPTED, Preempted
@@ -57,14 +58,6 @@ def _run_train(args) -> int:
         print(f"segda: preempted: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
     return 0
-
-
-def _finished(out: Path) -> bool:
-    """Whether --out holds a finished run (run.json says done): train() decides what `--resume auto` does with it."""
-    try:
-        return json.loads((Path(out) / "run.json").read_text()).get("status") == "done"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _add_inference_flags(p) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import os
 
+from segda.launchenv import flag
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters (malloc.h)
 _BLOCKS_FROM_HEAP_UP_TO = 1 << 30  # blocks up to 1 GiB come from the heap and are reused after free
 _done = False
@@ -47,7 +49,7 @@ def keep_freed_memory() -> bool:
 
 def _gpu_in_reach() -> bool:
     """An NVIDIA device node that the environment does not hide (ACCELERATE_USE_CPU, CUDA_VISIBLE_DEVICES="")."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if flag("ACCELERATE_USE_CPU"):
         return False
     if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
         return False

@@ -86,6 +86,15 @@ class Owner:
         self.release()
 
 
+def run_summary(folder: str | Path) -> dict | None:
+    """The run.json a run folder holds (what `segda pretrain`/`adapt` record), or None if it has none readable."""
+    try:
+        summary = json.loads((Path(folder) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def holds(folder: Path, markers=RUN_MARKERS) -> list[str]:
     """The markers of an earlier run or study found in `folder`."""
     return [m for m in markers if (folder / m).exists() or (m == "adapter" and any(folder.glob("adapter-*")))]

@@ -19,6 +19,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from helpers import REPO, TINY_MODEL, cpu_env, launch_args, segda_here
+from segda.rundir import LOCK
 
 DEMO = REPO / "configs" / "demo"
 
@@ -169,7 +170,7 @@ def _wait_until_gone(pids: list[int], seconds: float = 10) -> None:
 def _lock_owner(out: Path) -> list[int]:
     """The segda process named in the run folder's lock file, if that process is still a segda process."""
     try:
-        pid = int(json.loads((out / ".segda-lock").read_text())["pid"])
+        pid = int(json.loads((out / LOCK).read_text())["pid"])
         command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
         return []
@@ -211,7 +212,7 @@ def _kill_after_checkpoint(proc: subprocess.Popen, out: Path) -> dict:
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     _wait_until_gone(list(dict.fromkeys([*tree[1:], *owner])))
-    _wait_until_unlocked(out / ".segda-lock", f"launch {proc.pid}, its processes {tree[1:]}, lock owner {owner}")
+    _wait_until_unlocked(out / LOCK, f"launch {proc.pid}, its processes {tree[1:]}, lock owner {owner}")
     assert not (out / "model").exists(), "the run finished before the kill: the test proved nothing"
     newest = sorted((out / "checkpoints").glob("step-*/state.json"))[-1]
     return json.loads(newest.read_text())

@@ -16,7 +16,6 @@ RUN_DIR/metrics.jsonl, RUN_DIR/checkpoints/.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -78,7 +77,7 @@ def _finished_run(out: Path, stage: str, cfg: Config) -> dict | None:
     (retraining the steps after it: the last step writes the model, not a checkpoint). A finished run is never
     started over: another stage, or more steps with no checkpoint, is refused. Every rank decides from the same
     run.json, so on a shared filesystem all ranks agree; nodes that do not share --out must hold the same run."""
-    summary = _summary(out)
+    summary = rundir.run_summary(out)
     if summary is None or summary.get("status") != "done":
         return None
     done = f"{out} holds a finished {summary.get('stage')} run ({summary.get('step')} steps)"
@@ -95,9 +94,3 @@ def _finished_run(out: Path, stage: str, cfg: Config) -> dict | None:
     return None
 
 
-def _summary(out: Path) -> dict | None:
-    try:
-        summary = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None

@@ -100,8 +100,8 @@ class Window:
         local = torch.stack([self.loss / max(self.count, 1), torch.tensor(self.data_wait, device=self.device),
                              *(v.detach().to(self.device, torch.float32) for v in extra.values())])
         rows = accelerator.gather(local[None].double()).reshape(-1, 2 + len(extra))
-        means = rows.mean(0).tolist()  # one read of the device
-        loss, wait = means[0], float(rows[:, 1].max())
+        *means, wait = torch.cat([rows.mean(0), rows[:, 1].max()[None]]).tolist()  # one read of the device
+        loss = means[0]
         out = {"loss": loss, "data_wait_s": wait, "data_wait_share": min(wait / max(seconds, 1e-9), 1.0)}
         out.update({name: means[2 + i] for i, name in enumerate(extra)})
         self.reset()
