@@ -31,6 +31,19 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(share)
 
 
+LONGEST_FIRST = ("test_launch_configs.py", "test_elastic.py", "test_demo.py", "test_evaluate.py",
+                 "test_selftrain.py", "test_hostile.py")
+"""Files that take 30-140 s of a worker (multi-process launches), longest first, measured with
+`python -m pytest -v` under time stamps. xdist hands out whole files (--dist loadfile) in collection order."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The longest files start first, the short ones fill in behind them. In xdist's own order (most tests first)
+    the 55 s demo file started last and ran alone for its last 50 s while the other worker idled."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture
 def http_server(tmp_path, monkeypatch):
     """An HTTP file server for this test: write files under `.root`, fetch `.url + "/name"`, set `.faults`."""
