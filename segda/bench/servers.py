@@ -44,9 +44,13 @@ class Traffic:
         with self._lock:
             self.connections += 1
 
-    def add(self, nbytes: int) -> None:
+    def answering(self) -> None:
+        """Counted before the body goes out: a client that has read the whole body may look at once."""
         with self._lock:
             self.requests += 1
+
+    def sent(self, nbytes: int) -> None:
+        with self._lock:
             self.bytes += nbytes
 
 
@@ -131,13 +135,15 @@ class Handler(BaseHTTPRequestHandler):
         that needed only the head of a shard) is charged for what was sent, as object storage would charge it."""
         view, sent = memoryview(body), 0
         traffic = self.server.traffic  # the counters current when the request came, even if reset meanwhile
+        if self.command == "GET":
+            traffic.answering()
         try:
             while sent < len(body):
                 self.wfile.write(view[sent:sent + (1 << 16)])
                 sent += len(view[sent:sent + (1 << 16)])
         finally:
             if self.command == "GET":
-                traffic.add(sent)
+                traffic.sent(sent)
 
 
 
