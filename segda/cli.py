@@ -39,16 +39,20 @@ def _run_train(args) -> int:
     from segda.config import load_config
     from segda.launchenv import refuse_deepspeed_under_cpu_flag
     from segda.modelfiles import check_model_folder
-    from segda.rundir import run_summary
+    from segda.resume import launched_world, refuse_unresumable
+    from segda.rundir import find_resume, read_checkpoint_state, run_summary
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
-    # Before torch loads: a mistyped key or base folder, or a launch that cannot give what its config asks, is
-    # named in a fraction of a second, not after five.
+    # Before torch loads: a mistyped key or base folder, a launch that cannot give what its config asks, or a
+    # resume that cannot continue its checkpoint is named in a fraction of a second, not after five.
     refuse_deepspeed_under_cpu_flag()
     cfg = load_config(args.config, overrides)
     finished = args.resume == "auto" and (run_summary(args.out) or {}).get("status") == "done"
     if not finished:  # a finished run needs no base: train() says `nothing to resume` or what else it decides
         check_model_folder(cfg.model.name_or_path)
+        found = find_resume(args.out, args.resume)
+        if found is not None:  # train() checks again, on the folder it has locked, and says what takes effect
+            refuse_unresumable(read_checkpoint_state(found), cfg, args.stage, found, world=launched_world())
     from segda.train import train
     from segda.train.preempt import EXIT_PREEMPTED, Preempted
 

@@ -38,13 +38,31 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -> None:
-    """Refuse what would silently change the data, the model or the run; announce what takes effect. Adjusts
-    cfg.train.grad_accum for a resume on another number of processes under keep_global_batch."""
+def refuse_unresumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -> int:
+    """Every refusal of `check_resumable`, with no side effect and no torch: the `segda` command runs it before
+    torch loads, so a relaunch that cannot continue its run stops every rank in a fraction of a second, not after
+    each has imported torch. Returns the train.grad_accum the resume runs with."""
     if saved.get("stage") != stage:
         raise SegdaError(f"{path} is a {saved.get('stage')} checkpoint; resume it with `segda {saved.get('stage')}`")
     refuse_changed_keys(saved, cfg, stage, path)
-    _adjust_batch(saved, cfg, path, world=world)
+    return _kept_grad_accum(saved, cfg, path, world=world)
+
+
+def check_resumable(saved: dict, cfg: Config, stage: str, path, *, world: int) -> None:
+    """Refuse what would silently change the data, the model or the run; announce what takes effect. Adjusts
+    cfg.train.grad_accum for a resume on another number of processes under keep_global_batch."""
+    accum = refuse_unresumable(saved, cfg, stage, path, world=world)
+    old_world, batch = saved.get("world_size", world), cfg.data.batch_size
+    if cfg.train.on_world_change == "keep_per_rank_batch":
+        if old_world != world:
+            warn(f"{path} was written by {old_world} processes, this run has {world}: the global batch changes "
+                 f"from {batch * old_world * accum} to {batch * world * accum} "
+                 "(train.on_world_change=keep_per_rank_batch); the learning rate is not rescaled")
+    elif accum != cfg.train.grad_accum:
+        global_batch = batch * world * accum
+        info(f"{path} was written by {old_world} processes with a global batch of {global_batch}; with {world} "
+             f"process(es) train.grad_accum becomes {accum}, keeping the global batch of {global_batch}")
+    cfg.train.grad_accum = accum
     before = saved.get("config") if isinstance(saved.get("config"), dict) else {}
     for key in TAKE_EFFECT:
         old, new = setting(before, key), setting(cfg.to_dict(), key)
@@ -82,31 +100,22 @@ def check_base(saved: dict, base_fingerprint: str | None, path) -> None:
                          "on, or start a new run with another --out")
 
 
-def _adjust_batch(saved: dict, cfg: Config, path, *, world: int) -> None:
+def _kept_grad_accum(saved: dict, cfg: Config, path, *, world: int) -> int:
     old_world = saved.get("world_size", world)
     old_accum = setting(saved.get("config", {}), "train.grad_accum") or cfg.train.grad_accum
-    batch = cfg.data.batch_size
-    global_batch = batch * old_world * old_accum
     if cfg.train.on_world_change == "keep_per_rank_batch":
-        if old_world != world:
-            warn(f"{path} was written by {old_world} processes, this run has {world}: the global batch changes "
-                 f"from {global_batch} to {batch * world * old_accum} (train.on_world_change=keep_per_rank_batch); "
-                 "the learning rate is not rescaled")
-        cfg.train.grad_accum = old_accum
-        return
+        return old_accum
     # keep_global_batch: the checkpoint's global batch, whatever train.grad_accum the command line carries (a
     # requeued job repeats the command of its first start, before an earlier resume changed grad_accum).
+    batch = cfg.data.batch_size
+    global_batch = batch * old_world * old_accum
     if global_batch % (batch * world):
         raise SegdaError(
             f"{path} was written by {old_world} processes with a global batch of {global_batch} (data.batch_size "
             f"{batch} x {old_world} processes x train.grad_accum {old_accum}), which {world} processes cannot keep "
             f"with data.batch_size {batch}: resume on a number of processes that divides {global_batch // batch}, "
             "or set train.on_world_change=keep_per_rank_batch to let the global batch change")
-    accum = global_batch // (batch * world)
-    if accum != cfg.train.grad_accum:
-        info(f"{path} was written by {old_world} processes with a global batch of {global_batch}; with {world} "
-             f"process(es) train.grad_accum becomes {accum}, keeping the global batch of {global_batch}")
-    cfg.train.grad_accum = accum
+    return global_batch // (batch * world)
 
 
 def setting(config: dict, key: str):

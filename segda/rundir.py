@@ -19,16 +19,21 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
+from segda.compat import upgrade_checkpoint_state
 from segda.log import SegdaError, info
 
 LOCK = ".segda-lock"
 RUN_MARKERS = ("run.json", "model", "adapter", "checkpoints", "metrics.jsonl")
 STUDY_MARKERS = ("report.json", "runs", "shards", "raw")
 """What makes a folder hold a training run, or a `segda demo` study."""
+STATE = "state.json"
+"""A checkpoint folder's JSON part (segda.train.checkpointer): its presence marks the folder complete."""
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 _HELD: dict[tuple[int, int], str] = {}
@@ -134,3 +139,39 @@ def _describe(fd: int) -> str:
         return f"segda {holder['command']} (process {holder['pid']} on {holder['host']} since {holder['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return "another segda process"
+
+
+# Checkpoints are found and their state.json read without torch: the `segda` command checks a resume before it loads.
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def find_resume(run_dir: str | Path, resume: str | None) -> Path | None:
+    """`auto`: the newest complete checkpoint of run_dir (None if there is none); a path: that checkpoint."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE).is_file():
+        raise SegdaError(f"--resume {resume}: no checkpoint there (expected {path}/{STATE}); "
+                         f"use --resume auto to take the newest under {run_dir}/checkpoints")
+    return path
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """A checkpoint's state.json, in the current layout (older layouts are upgraded: segda.compat)."""
+    try:
+        return upgrade_checkpoint_state(json.loads((path / STATE).read_text()))
+    except (OSError, ValueError) as err:
+        raise SegdaError(f"cannot read {path / STATE} ({err}); resume from another checkpoint") from err

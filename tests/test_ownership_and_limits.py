@@ -198,7 +198,7 @@ def _tiny_model(out: Path) -> Path:
 def test_resume_refuses_another_model_naming_the_key(tmp_path, key, value):
     from segda.config import load_config
     from segda.log import SegdaError
-    from segda.train.resume import check_base, check_resumable
+    from segda.resume import check_base, check_resumable
 
     stage = "pretrain" if key == "model.config" else "adapt"
     base = ["model.name_or_path="] if stage == "pretrain" else ["model.name_or_path=runs/base/model"]

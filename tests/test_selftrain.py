@@ -623,7 +623,7 @@ def test_resume_compares_the_target_only_for_selftraining(tmp_path):
     refuses another target, and a checkpoint older than the adapt section counts as supervised."""
     from segda.config import load_config
     from segda.log import SegdaError
-    from segda.train.resume import check_resumable
+    from segda.resume import check_resumable
 
     supervised = load_config(None, [])
     saved = {"stage": "adapt", "step": 2, "world_size": 1, "scheduler": {},

@@ -135,17 +135,46 @@ def test_config_errors_name_the_key(tmp_path, cityscapes_manifest):
 ])
 def test_a_mistyped_key_or_base_folder_is_named_before_torch_is_imported(tmp_path, override, env, named):
     """Loading torch and transformers takes seconds: a typo must not wait for it (and CLI tests stay fast)."""
+    proc = _cli_probe(["adapt", DEMO / "adapt.yaml", "--out", tmp_path / "r", "--set", override.format(tmp=tmp_path)],
+                      env)
+    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "NO-TORCH"
+
+
+def _cli_probe(args: list, env: dict):
+    """`segda ARGS` in a fresh process; its stdout says whether torch was ever imported."""
     import os
     import subprocess
     import sys
 
     probe = ("import sys; from segda.cli import main; rc = main(sys.argv[1:]); "
              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)")
-    clean = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU")}
-    proc = subprocess.run([sys.executable, "-c", probe, "adapt", str(DEMO / "adapt.yaml"), "--out",
-                           str(tmp_path / "r"), "--set", override.format(tmp=tmp_path)],
-                          capture_output=True, text=True, timeout=60, env={**clean, **env})
-    assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU", "WORLD_SIZE")}
+    return subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True,
+                          timeout=60, env={**clean, **env})
+
+
+@pytest.mark.parametrize("world, change, named", [
+    (3, {}, "which 3 processes cannot keep"),  # a global batch of 2 x batch_size over 3 ranks
+    (2, {"data": {"crop_size": "64x64"}}, "data.crop_size was '64x64'"),
+    (2, {"stage": "adapt"}, "resume it with `segda adapt`"),
+])
+def test_a_resume_its_checkpoint_refuses_is_named_before_torch_is_imported(tmp_path, world, change, named):
+    """A relaunch on a number of processes that cannot keep the global batch, or with a changed key, stops each
+    rank before it loads torch (the same check train() runs later, on the folder it has locked)."""
+    from segda.config import load_config
+
+    config = load_config(DEMO / "pretrain.yaml").to_dict()
+    config["data"].update(change.get("data", {}))
+    step = tmp_path / "r" / "checkpoints" / "step-000002"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"stage": change.get("stage", "pretrain"), "step": 2, "world_size": 2,
+                                                 "config": config, "data_order": "by_sample", "train": {"step": 2},
+                                                 "data": {"epoch": 0, "consumed": 4}}))
+    proc = _cli_probe(["pretrain", DEMO / "pretrain.yaml", "--out", tmp_path / "r", "--resume", "auto"],
+                      {"WORLD_SIZE": str(world)})
+    assert proc.returncode == 2 and named in proc.stderr and str(step) in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "NO-TORCH"
 
 
@@ -172,7 +201,7 @@ def test_the_early_base_check_passes_hub_ids_and_complete_folders_and_names_what
 def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_path):
     from segda.config import load_config
     from segda.log import SegdaError
-    from segda.train.resume import check_resumable
+    from segda.resume import check_resumable
 
     old = tmp_path / "old.yaml"  # segda < 0.3: crop_size was [height, width], base_size [width, height]
     old.write_text("data:\n  crop_size: [96, 128]\n")

@@ -7,7 +7,7 @@
     step.py           one micro-batch: loss, backward, clipping, optimizer, the non-finite guard
     checkpointer.py   saves and restores every stateful part (safetensors + JSON, or DeepSpeed's own format)
     state.py          the loop's counters (checkpointed), one metrics line, the host time of each phase
-    optim.py          the optimizer recipe; resume.py what a resume may change; outputs.py what a run writes
+    optim.py          the optimizer recipe; outputs.py what a run writes (segda/resume.py: what a resume may change)
     guard.py, preempt.py, rng.py   non-finite steps, clean stops on SIGTERM/SIGUSR1, each rank's RNG
 
 Outputs: RUN_DIR/model (pretrain) or RUN_DIR/adapter (adapt, adapter only), RUN_DIR/run.json,
@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from segda import resume as resume_policy
 from segda import rundir
 from segda.config import Config
 from segda.log import SegdaError, info
-from segda.train import checkpointer, outputs, setup
-from segda.train import resume as resume_policy
+from segda.train import outputs, setup
 from segda.train.loop import resumed_line, train_loop
 from segda.train.preempt import Preempted, StopSignals
 from segda.train.setup import STAGES
@@ -87,7 +87,7 @@ def _finished_run(out: Path, stage: str, cfg: Config) -> dict | None:
     resume_policy.refuse_changed_keys(summary, cfg, stage, out / "run.json")
     if cfg.train.max_steps <= int(summary.get("step") or 0):
         return summary
-    if not checkpointer.list_checkpoints(out):
+    if not rundir.list_checkpoints(out):
         raise SegdaError(f"{done} and no checkpoint to continue it to train.max_steps={cfg.train.max_steps} "
                          "from: write the longer run elsewhere with another --out, or move this one aside with "
                          "--overwrite")

@@ -18,7 +18,6 @@ from your own runs) and the other parts are written as above. Both backends sit 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Protocol
@@ -29,9 +28,8 @@ from safetensors.torch import load_file, save_file
 
 from segda import atomic
 from segda.log import SegdaError
+from segda.rundir import STATE, checkpoint_dir, list_checkpoints
 
-_STEP_DIR = re.compile(r"^step-(\d{6,})$")
-STATE = "state.json"
 TENSOR_PARTS = ("model", "optimizer", "method")
 """Parts stored as safetensors (their non-tensor values in NAME.json); every other part goes into state.json."""
 
@@ -40,42 +38,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def find_resume(run_dir: str | Path, resume: str | None) -> Path | None:
-    """`auto`: the newest complete checkpoint of run_dir (None if there is none); a path: that checkpoint."""
-    if not resume:
-        return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE).is_file():
-        raise SegdaError(f"--resume {resume}: no checkpoint there (expected {path}/{STATE}); "
-                         f"use --resume auto to take the newest under {run_dir}/checkpoints")
-    return path
-
-
-def read_state(path: Path) -> dict:
-    """A checkpoint's state.json, in the current layout (older layouts are upgraded: segda.compat)."""
-    from segda.compat import upgrade_checkpoint_state
-
-    try:
-        return upgrade_checkpoint_state(json.loads((path / STATE).read_text()))
-    except (OSError, ValueError) as err:
-        raise SegdaError(f"cannot read {path / STATE} ({err}); resume from another checkpoint") from err
 
 
 def prune(run_dir: str | Path, keep: int) -> None:
@@ -118,7 +80,7 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, parts: dict[str, Stateful], state: dict) -> None:
-        """Restore every part from checkpoint `path` (whose state.json, read by `read_state`, is `state`)."""
+        """Restore every part from checkpoint `path` (whose state.json, read by `rundir.read_checkpoint_state`, is `state`)."""
         self.backend.load(path, parts, state)
         for name, part in parts.items():
             if name in self.backend.owns:

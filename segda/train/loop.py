@@ -12,6 +12,7 @@ import time
 from tqdm import tqdm
 
 from segda.log import info, warn
+from segda.rundir import checkpoint_dir
 from segda.train import outputs
 from segda.train.preempt import Preempted
 from segda.train.step import check_skipped_steps, context, micro_step
@@ -100,8 +101,6 @@ def checkpoint(t) -> None:
 
 def _preempted(t, signum: int) -> None:
     """The checkpoint of this step is on disk: record the stop and leave with exit status 75 (see preempt)."""
-    from segda.train.checkpointer import checkpoint_dir
-
     where = checkpoint_dir(t.out, t.state.step)
     outputs.record_status(t, "preempted", checkpoint=str(where))
     t.accelerator.wait_for_everyone()

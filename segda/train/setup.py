@@ -16,7 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-from segda import adapters, launchenv
+from segda import adapters, launchenv, rundir
+from segda import resume as resume_policy
 from segda.config import Config
 from segda.data.datasets import resolve_dataset
 from segda.data.loader import limit_main_threads
@@ -25,7 +26,6 @@ from segda.log import SegdaError, set_main_process
 from segda.methods import build_method
 from segda.model import batchnorm_in_fp32, build_model, fingerprint, normalize
 from segda.train import checkpointer as ckpt
-from segda.train import resume as resume_policy
 from segda.train.guard import NonFiniteGuard
 from segda.train.optim import apply_optim_config, build_optimizer
 from segda.train.preempt import CheckpointClock, Control, StopSignals
@@ -59,7 +59,7 @@ class Trainer:
 
     def __post_init__(self):
         acc = self.accelerator
-        self.module = acc.unwrap_model(self.model)
+        self.module = plain_module(acc, self.model)
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.window = Window(acc.device)
         self.control = Control(acc.num_processes, acc.process_index)
@@ -97,6 +97,14 @@ class Trainer:
                 "base_fingerprint": self.base_fingerprint, "data_order": "by_sample"}
 
 
+def plain_module(accelerator, model):
+    """The model inside its DDP wrapper. Accelerate's unwrap_model imports DeepSpeed whenever it is installed (half a
+    second of every process's start, `python -X importtime`); only a DeepSpeed (or FSDP) run needs that."""
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return accelerator.unwrap_model(model)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def compiled(model, cfg):
     """torch.compile of the training forward only: saving and evaluating use the module itself."""
     mode = None if cfg.compile_mode == "default" or cfg.compile_backend != "inductor" else cfg.compile_mode
@@ -110,8 +118,8 @@ def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: S
         raise SegdaError(f"unknown stage {stage!r}; choose one of {STAGES}")
     set_main_process(int(os.environ.get("RANK", "0")) == 0)
     train_ds, val_ds, target_ds = datasets(stage, cfg)
-    found = ckpt.find_resume(out_dir, resume)  # segda.rundir already refused a run folder that is not ours
-    saved = ckpt.read_state(found) if found else None
+    found = rundir.find_resume(out_dir, resume)  # segda.rundir already refused a run folder that is not ours
+    saved = rundir.read_checkpoint_state(found) if found else None
     if saved is not None:  # may change train.grad_accum, which the Accelerator is built with
         resume_policy.check_resumable(saved, cfg, stage, found, world=resume_policy.launched_world())
     accelerator = make_accelerator(cfg, out_dir)
@@ -135,7 +143,7 @@ def build(stage: str, cfg: Config, out_dir: Path, resume: str | None, signals: S
         batchnorm_in_fp32(model)
     torch.manual_seed(cfg.train.seed * 1000 + accelerator.process_index)  # dropout differs per rank (open_clip)
     method = build_method(stage, cfg, train_ds, target_ds)
-    method.bind(accelerator.unwrap_model(model))
+    method.bind(plain_module(accelerator, model))
     data = method.data(rank=accelerator.process_index, world=accelerator.num_processes,
                        pin_memory=accelerator.device.type == "cuda")
     checkpointer = ckpt.Checkpointer(out_dir, accelerator, Control(accelerator.num_processes,
