@@ -40,12 +40,13 @@ def _run_train(args) -> int:
     from segda.launchenv import refuse_deepspeed_under_cpu_flag
     from segda.modelfiles import check_model_folder
     from segda.resume import launched_world, refuse_unresumable
-    from segda.rundir import find_resume, read_checkpoint_state, run_summary
+    from segda.rundir import check_flags, find_resume, read_checkpoint_state, run_summary
 
     overrides = list(args.set) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
     # Before torch loads: a mistyped key or base folder, a launch that cannot give what its config asks, or a
     # resume that cannot continue its checkpoint is named in a fraction of a second, not after five.
     refuse_deepspeed_under_cpu_flag()
+    check_flags(args.resume, args.overwrite)
     cfg = load_config(args.config, overrides)
     finished = args.resume == "auto" and (run_summary(args.out) or {}).get("status") == "done"
     if not finished:  # a finished run needs no base: train() says `nothing to resume` or what else it decides

@@ -131,20 +131,20 @@ class Handler(BaseHTTPRequestHandler):
         return True
 
     def _send_counted(self, body: bytes) -> None:
-        """Write the body in chunks, counting what reached the socket: a client that hangs up mid-body (a reader
-        that needed only the head of a shard) is charged for what was sent, as object storage would charge it."""
-        view, sent = memoryview(body), 0
+        """Write the body in chunks, counting each as it goes out: a client that hangs up mid-body (a reader that
+        needed only the head of a shard) is charged for what was sent, as object storage would charge it (plus at
+        most the one chunk the hang-up cut). Counted before the write, so a client that has read the whole body
+        never sees the counters behind."""
+        view = memoryview(body)
         traffic = self.server.traffic  # the counters current when the request came, even if reset meanwhile
-        if self.command == "GET":
+        counted = self.command == "GET"
+        if counted:
             traffic.answering()
-        try:
-            while sent < len(body):
-                self.wfile.write(view[sent:sent + (1 << 16)])
-                sent += len(view[sent:sent + (1 << 16)])
-        finally:
-            if self.command == "GET":
-                traffic.sent(sent)
-
+        for start in range(0, len(body), 1 << 16):
+            chunk = view[start:start + (1 << 16)]
+            if counted:
+                traffic.sent(len(chunk))
+            self.wfile.write(chunk)
 
 
 class FileHandler(Handler):
