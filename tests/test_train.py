@@ -225,6 +225,27 @@ def test_sizes_are_width_x_height_and_old_size_lists_say_how_to_fix_them(tmp_pat
         check_resumable(saved, cfg, "pretrain", tmp_path, world=1)
 
 
+@pytest.mark.parametrize("saved_world, saved_accum, world, policy, accum", [
+    (2, 1, 1, "keep_global_batch", 2),  # 2 processes x accum 1 -> 1 process x accum 2
+    (1, 2, 2, "keep_global_batch", 1),
+    (2, 1, 2, "keep_global_batch", 1),
+    (2, 1, 3, "keep_per_rank_batch", 1),  # the global batch changes; nothing refused
+])
+def test_a_resume_the_early_check_accepts_is_not_refused_and_nothing_is_changed(saved_world, saved_accum, world,
+                                                                               policy, accum):
+    """The other side of the early check: resumes train() continues pass it, with the grad_accum train() will use,
+    and the config it was given is left as it was."""
+    from segda.config import load_config
+    from segda.resume import refuse_unresumable
+
+    cfg = load_config(DEMO / "pretrain.yaml", [f"train.on_world_change={policy}"])
+    saved_config = load_config(DEMO / "pretrain.yaml", [f"train.grad_accum={saved_accum}"]).to_dict()
+    saved = {"stage": "pretrain", "step": 2, "world_size": saved_world, "config": saved_config}
+    before = cfg.to_dict()
+    assert refuse_unresumable(saved, cfg, "pretrain", "ckpt", world=world) == accum
+    assert cfg.to_dict() == before
+
+
 def test_every_shipped_yaml_loads():
     from segda.config import load_config
 
