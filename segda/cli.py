@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import gc
 import sys
 from pathlib import Path
 
@@ -226,6 +228,8 @@ _COMMANDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `segda` command itself, not a library or test caller
+        atexit.register(gc.freeze)  # see _FAST_EXIT
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # before torch is loaded: then glibc reuses big freed blocks (segda.host_memory)
     try:
@@ -249,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segda: interrupted", file=sys.stderr)
         return 130
+
+
+_FAST_EXIT = """At exit the interpreter's last garbage collections walk every object torch and transformers made at
+import: 1.1 s at the end of every `segda` process, each rank of a launch included (`python -c 'import
+segda.train'`, timed from its last atexit handler to its exit), 0.2 s with them frozen first. Exit handlers still
+all run (flushes, loader workers joined); what freezing skips is only the collection of reference cycles during
+teardown, whose finalizers Python never promises to run at exit."""
 
 
 def _check_out(args) -> None:

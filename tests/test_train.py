@@ -334,3 +334,20 @@ def test_models_for_another_class_set_are_refused(tmp_path):
     with pytest.raises(SegdaError, match="150-class"):
         build_model(str(tmp_path / "ade"))
     assert build_model(str(tmp_path / "ade"), new_head_ok=True).config.num_labels == 19  # pretraining from it
+
+
+def test_the_segda_command_freezes_the_heap_at_exit_and_a_library_call_does_not():
+    """The `segda` command skips the interpreter's last collections (1.1 s of every process's exit, segda.cli);
+    main() called with arguments (a library or a test) leaves the caller's interpreter alone."""
+    import subprocess
+    import sys
+
+    probe = ("import atexit, gc, sys; from segda.cli import main\n"
+             "sys.argv = ['segda', 'index', '--help']\n"
+             "try:\n    main(None if {as_command} else ['index', '--help'])\n"
+             "except SystemExit:\n    pass\n"
+             "atexit._run_exitfuncs(); print(gc.get_freeze_count() > 0)")
+    for as_command, frozen in ((True, "True"), (False, "False")):
+        out = subprocess.run([sys.executable, "-c", probe.format(as_command=as_command)], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        assert out.strip().endswith(frozen), out
