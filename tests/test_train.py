@@ -351,3 +351,7 @@ def test_the_segda_command_freezes_the_heap_at_exit_and_a_library_call_does_not(
         out = subprocess.run([sys.executable, "-c", probe.format(as_command=as_command)], capture_output=True,
                              text=True, timeout=60, check=True).stdout
         assert out.strip().endswith(frozen), out
+    # ...and both doors to the command call main() with no arguments
+    repo = Path(__file__).resolve().parents[1]
+    assert "raise SystemExit(main())" in (repo / "segda" / "__main__.py").read_text()
+    assert 'segda = "segda.cli:main"' in (repo / "pyproject.toml").read_text()
