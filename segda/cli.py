@@ -229,7 +229,7 @@ _COMMANDS = [
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the `segda` command itself, not a library or test caller
-        atexit.register(gc.freeze)  # see _FAST_EXIT
+        _skip_the_last_collections_at_exit()
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # before torch is loaded: then glibc reuses big freed blocks (segda.host_memory)
     try:
@@ -255,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-_FAST_EXIT = """At exit the interpreter's last garbage collections walk every object torch and transformers made at
-import: 1.1 s at the end of every `segda` process, each rank of a launch included (`python -c 'import
-segda.train'`, timed from its last atexit handler to its exit), 0.2 s with them frozen first. Exit handlers still
-all run (flushes, loader workers joined); what freezing skips is only the collection of reference cycles during
-teardown, whose finalizers Python never promises to run at exit."""
+def _skip_the_last_collections_at_exit() -> None:
+    """At exit the interpreter's last garbage collections walk every object torch and transformers made at import:
+    1.1 s at the end of every `segda` process, each rank of a launch included (`python -c 'import segda.train'`,
+    timed from its last atexit handler to its exit), 0.2 s with them frozen first. Exit handlers still all run
+    (flushes, loader workers joined); freezing skips only the collection of reference cycles during teardown, whose
+    finalizers Python never promises to run at exit."""
+    atexit.register(gc.freeze)
 
 
 def _check_out(args) -> None:

@@ -80,7 +80,7 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, parts: dict[str, Stateful], state: dict) -> None:
-        """Restore every part from checkpoint `path` (whose state.json, read by `rundir.read_checkpoint_state`, is `state`)."""
+        """Restore every part from checkpoint `path`, whose state.json (`rundir.read_checkpoint_state`) is `state`."""
         self.backend.load(path, parts, state)
         for name, part in parts.items():
             if name in self.backend.owns:
