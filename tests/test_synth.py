@@ -257,14 +257,14 @@ def test_synth_cli_refuses_a_gap_out_of_range_or_for_another_dataset(tmp_path):
 def test_the_city_paves_its_ground_and_bricks_its_facades_where_the_game_draws_them_flat():
     """Issue 21: target-only textures, which no colour statistic of a frame undoes and only target frames teach. The
     ground's are laid in metres on the road plane, so the near road is cobbled and the far one fades to flat."""
-    from segda.shards import looks, scene
+    from segda.shards import looks, scene, surfaces
 
     assert scene._GTA5.surfaces == 0 and looks.target_style(0.0).surfaces == 0, "the game draws no surfaces"
     assert looks.target_style(looks.DEFAULT_GAP).surfaces == pytest.approx(looks.DEFAULT_GAP)
     c = scene._Canvas(640, 320, looks.target_style(1.0), np.random.default_rng(3))
     scene._facades(c, scene._street(c))
     flat = c.img.astype(float)
-    scene._surfaces(c, 1.0)
+    surfaces.draw_surfaces(c, 1.0)
     gain = c.img.astype(float).mean(-1) / np.maximum(flat.mean(-1), 1)
     below = np.arange(c.h)[:, None] - c.cy
     road = c.lab == scene.ROAD
@@ -275,7 +275,7 @@ def test_the_city_paves_its_ground_and_bricks_its_facades_where_the_game_draws_t
     for lid in (scene.SIDEWALK, scene.BUILDING, scene.VEG):
         if (c.lab == lid).sum() > 200:
             assert gain[c.lab == lid].std() > 0.1, lid
-    others = ~np.isin(c.lab, [scene.ROAD, scene.SIDEWALK, scene.TERRAIN, scene.BUILDING, scene.VEG])
+    others = ~np.isin(c.lab, surfaces.SURFACED)
     assert others.sum() > 1000 and (c.img[others] == flat[others]).all(), "sky, poles, cars keep their look"
     # and every target frame has them: the same scene rendered with and without differs on those classes only
     style = dataclasses.replace(looks.target_style(looks.DEFAULT_GAP), photo=0.0, ego=0.0)
@@ -283,4 +283,4 @@ def test_the_city_paves_its_ground_and_bricks_its_facades_where_the_game_draws_t
     game_img, game_lab = scene._render((320, 160), dataclasses.replace(style, surfaces=0.0), np.random.default_rng(0))
     changed = (img != game_img).any(-1)
     assert (lab == game_lab).all() and changed[lab == scene.ROAD].mean() > 0.3
-    assert not changed[~np.isin(lab, [scene.ROAD, scene.SIDEWALK, scene.TERRAIN, scene.BUILDING, scene.VEG])].any()
+    assert not changed[~np.isin(lab, surfaces.SURFACED)].any()

@@ -12,7 +12,7 @@ The target look has three parts, each scaled by `gap`:
   from target frames, which is what self-training's pseudo-labels give it. A third of each material's instances
   keep the game's colour (`SOURCE_LIKE_SHARE`), so the source model is partly right on every class.
 - **The surfaces** (class by class, target only): the game draws its ground and walls flat; the city has cobbled
-  roads, slabbed sidewalks, rough grass, brick facades and dappled foliage (`scene._surfaces`). The ground's are
+  roads, slabbed sidewalks, rough grass, brick facades and dappled foliage (`segda.shards.surfaces`). The ground's are
   laid in metres, so they fade with distance: the far road looks like the game's, the near one does not. No colour
   statistic of a frame sees a texture, and the labelled source crops ClassMix pastes never carry one: only the
   teacher's pseudo-labels of target pixels teach them (`tests/test_synth.py`; the gain per class in the README).

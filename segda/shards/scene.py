@@ -13,6 +13,8 @@ from functools import partial
 import cv2
 import numpy as np
 
+from segda.shards.surfaces import draw_surfaces
+
 # Cityscapes label ids drawn here (void ones included: they must map to 255 downstream).
 (UNLABELED, EGO, STATIC, GROUND, ROAD, SIDEWALK, PARKING, RAIL, BUILDING, WALL, FENCE, GUARD_RAIL, POLE, LIGHT,
  SIGN, VEG, TERRAIN, SKY, PERSON, RIDER, CAR, TRUCK, BUS, CARAVAN, TRAIN, MOTO, BIKE) = (
@@ -383,59 +385,6 @@ def _photo(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, strength:
     return np.clip(x, 0, 255).astype(np.uint8)
 
 
-def _ground_grid(c: _Canvas, size_x: float, size_z: float, joint: float, stagger: bool):
-    """Each pixel below the horizon on the ground plane: its cell of a size_x by size_z grid (rows staggered by half
-    a cell for bricks), whether it lies on a joint, and the fade of the pattern across and along the street."""
-    v, u = np.mgrid[0:c.h, 0:c.w].astype(np.float64) + 0.5
-    below = np.maximum(v - c.cy, 0.5)
-    z = c.f * c.cam / below
-    x = (u - c.cx) * z / c.f
-    row = np.floor(z / size_z)
-    xs = x / size_x + (0.5 * (row % 2) if stagger else 0)
-    col = np.floor(xs)
-    on_x = (xs - col) * size_x < joint
-    on_z = (z / size_z - row) * size_z < joint
-    # a pixel spans z / f metres across the street and z^2 / (f * cam) along it
-    fade_x = np.clip(1 - (z / c.f) / size_x, 0, 1)
-    fade_z = np.clip(1 - (z * z / (c.f * c.cam)) / size_z, 0, 1)
-    return row, col, on_x, on_z, fade_x, fade_z
-
-
-def _cell_noise(row: np.ndarray, col: np.ndarray, salt: int) -> np.ndarray:
-    """A fixed pseudo-random number in [0, 1) per grid cell (integer hashing: same cell, same value, any frame)."""
-    h = (row.astype(np.int64) * 73856093) ^ (col.astype(np.int64) * 19349663) ^ (salt * 83492791)
-    return ((h * 2654435761) % 4294967296) / 4294967296.0
-
-
-def _surfaces(c: _Canvas, strength: float) -> None:
-    """The city's own surfaces, which the game draws flat: cobbled roads, slabbed sidewalks, rough grass on the
-    ground plane (in world units, so they fade with distance: the far road still looks like the game's, the near one
-    does not), brick courses on buildings and dappled foliage. A model learns these only from target frames."""
-    img, lab = c.img.astype(np.float32), c.lab
-    gain = np.ones(lab.shape, np.float32)
-    row, col, on_x, on_z, fade_x, fade_z = _ground_grid(c, 0.24, 0.18, 0.045, stagger=True)
-    stone = 0.8 + 0.4 * _cell_noise(row, col, 1)
-    # staggered rows: a pixel spanning several rows averages their joints away as it does the stones
-    fade = np.minimum(fade_x, fade_z)
-    cobbles = (1 + (stone - 1) * fade) * (1 - 0.55 * fade * np.maximum(on_x, on_z))
-    gain = np.where(lab == ROAD, cobbles, gain)
-    row, col, on_x, on_z, fade_x, fade_z = _ground_grid(c, 0.6, 0.6, 0.04, stagger=False)
-    slab = np.where((row + col) % 2 == 0, 1.2, 0.75)
-    slabs = (0.975 + (slab - 0.975) * np.minimum(fade_x, fade_z)) * (1 + 0.3 * np.maximum(on_x * fade_x, on_z * fade_z))
-    gain = np.where(lab == SIDEWALK, slabs, gain)
-    row, col, _, _, fade_x, fade_z = _ground_grid(c, 0.08, 0.08, 0.0, stagger=False)
-    tufts = 1 + (0.6 * _cell_noise(row, col, 2) - 0.3) * np.minimum(fade_x, fade_z)
-    gain = np.where(lab == TERRAIN, tufts, gain)
-    v = np.arange(c.h)[:, None]
-    bricks = np.where(v % 4 == 0, 0.6, 1.0) * np.ones((1, c.w))
-    gain = np.where(lab == BUILDING, bricks, gain)
-    blotch = cv2.resize(c.rng.random((c.h // 3 + 1, c.w // 3 + 1)).astype(np.float32), (c.w, c.h),
-                        interpolation=cv2.INTER_NEAREST)
-    gain = np.where(lab == VEG, np.where(blotch < 0.4, 0.55, 1.15), gain)
-    img *= (1 + strength * (gain - 1))[..., None]
-    c.img = np.clip(img, 0, 255).astype(np.uint8)
-
-
 def _render(size: tuple[int, int], style: _Style, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     c = _Canvas(*size, style, rng)
     lay = _street(c)
@@ -443,7 +392,7 @@ def _render(size: tuple[int, int], style: _Style, rng: np.random.Generator) -> t
     for _, draw in sorted(_things(c, lay), key=lambda t: -t[0]):
         draw()
     if style.surfaces:
-        _surfaces(c, style.surfaces)
+        draw_surfaces(c, style.surfaces)
     if rng.random() < style.ego:
         _ego(c)
     return (_photo(c.img, c.lab, rng, style.photo) if style.photo else c.img), c.lab
