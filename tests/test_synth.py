@@ -260,10 +260,13 @@ def test_the_city_paves_its_ground_and_bricks_its_facades_where_the_game_draws_t
     from segda.shards import looks, scene, surfaces
 
     assert scene._GTA5.surfaces == 0 and looks.target_style(0.0).surfaces == 0, "the game draws no surfaces"
+    assert scene._CITY.surfaces == 0, "the other camera-styled sets (ACDC, folder) keep their flat look"
+    surfaced = [scene.ROAD, scene.SIDEWALK, scene.TERRAIN, scene.BUILDING, scene.VEG]
+    assert sorted(surfaces.SURFACED) == sorted(surfaced)
     assert looks.target_style(looks.DEFAULT_GAP).surfaces == pytest.approx(looks.DEFAULT_GAP)
     c = scene._Canvas(640, 320, looks.target_style(1.0), np.random.default_rng(3))
     scene._facades(c, scene._street(c))
-    flat = c.img.astype(float)
+    flat, half = c.img.astype(float), c.img.copy()
     surfaces.draw_surfaces(c, 1.0)
     gain = c.img.astype(float).mean(-1) / np.maximum(flat.mean(-1), 1)
     below = np.arange(c.h)[:, None] - c.cy
@@ -275,12 +278,17 @@ def test_the_city_paves_its_ground_and_bricks_its_facades_where_the_game_draws_t
     for lid in (scene.SIDEWALK, scene.BUILDING, scene.VEG):
         if (c.lab == lid).sum() > 200:
             assert gain[c.lab == lid].std() > 0.1, lid
-    others = ~np.isin(c.lab, surfaces.SURFACED)
-    assert others.sum() > 1000 and (c.img[others] == flat[others]).all(), "sky, poles, cars keep their look"
+    others = ~np.isin(c.lab, surfaced)
+    assert others.sum() > 1000 and (c.img[others] == flat[others]).all(), "every other class keeps its look"
+    # strength scales the surfaces: at 0.5 each pixel moves half as far from its flat colour
+    full, c.img = c.img.astype(float), half
+    surfaces.draw_surfaces(c, 0.5)
+    moved = [np.abs(img - flat)[near | (c.lab == scene.BUILDING)].mean() for img in (c.img.astype(float), full)]
+    assert moved[0] / moved[1] == pytest.approx(0.5, abs=0.05), moved
     # and every target frame has them: the same scene rendered with and without differs on those classes only
     style = dataclasses.replace(looks.target_style(looks.DEFAULT_GAP), photo=0.0, ego=0.0)
     img, lab = scene._render((320, 160), style, np.random.default_rng(0))
     game_img, game_lab = scene._render((320, 160), dataclasses.replace(style, surfaces=0.0), np.random.default_rng(0))
     changed = (img != game_img).any(-1)
     assert (lab == game_lab).all() and changed[lab == scene.ROAD].mean() > 0.3
-    assert not changed[~np.isin(lab, surfaces.SURFACED)].any()
+    assert not changed[~np.isin(lab, surfaced)].any()

@@ -12,27 +12,29 @@ The target look has three parts, each scaled by `gap`:
   from target frames, which is what self-training's pseudo-labels give it. A third of each material's instances
   keep the game's colour (`SOURCE_LIKE_SHARE`), so the source model is partly right on every class.
 - **The surfaces** (class by class, target only): the game draws its ground and walls flat; the city has cobbled
-  roads, slabbed sidewalks, rough grass, brick facades and dappled foliage (`segda.shards.surfaces`). The ground's are
-  laid in metres, so they fade with distance: the far road looks like the game's, the near one does not. No colour
+  roads, slabbed sidewalks, rough grass, brick courses and dappled foliage (`segda.shards.surfaces`). The ground's are
+  laid in metres, so they fade with distance: the far road is untextured, the near one cobbled. No colour
   statistic of a frame sees a texture, and the labelled source crops ClassMix pastes never carry one: only the
   teacher's pseudo-labels of target pixels teach them (`tests/test_synth.py`; the gain per class in the README).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from segda.shards.scene import _CITY, _GTA5, _GTA5_COLOURS, _Style
 
 DEFAULT_GAP = 0.75
-"""How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look, 1 the full shift (camera and
-materials, module docstring). Measured by `segda demo --oracle` (README, "The synthetic gap")."""
+"""How far synthetic Cityscapes sits from synthetic GTA5: 0 is the game's look, 1 the full shift (camera,
+materials and surfaces, module docstring). Measured by `segda demo --oracle` (README, "The synthetic gap")."""
 DESATURATION, DARKENING = 0.35, 0.15
 """The camera at gap 1 (mild): every colour keeps 65% of its saturation and 85% of its brightness."""
 HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (35.0, 70.0), 0.35
 """The materials at gap 1: each turns by 35-70 degrees around the grey axis, clockwise or not, and changes its
-brightness by up to 35% either way. With 60-120 degrees (and the surfaces) the source teacher labelled half the
-target's pixels wrong (pixel accuracy 47.5%) and its pseudo-labels added 0.3-0.8 mIoU (seed 0, README "The
+brightness by up to 35% either way. With 60-120 degrees (and a first version of the surfaces) the source teacher
+labelled half the target's pixels wrong (pixel accuracy 47.5%) and its pseudo-labels added 0.2-0.8 mIoU (seed 0, README "The
 synthetic gap"); a teacher must be mostly right for its labels to teach."""
 SOURCE_LIKE_SHARE = 1 / 3
 """The share of each material's instances (a car, a facade, a frame's road) that keeps the game's colour under the
@@ -93,4 +95,5 @@ def target_style(gap: float) -> _Style:
     colours = {k: [_city_colour(k, c, gap) for c in v] * 2 + [_camera_colour(c, gap) for c in v]
                for k, v in _GTA5_COLOURS.items()}
     rest = [_between(getattr(_GTA5, f), getattr(_CITY, f), gap) for f in list(_Style.__dataclass_fields__)[1:]]
-    return _Style(colours, *rest)
+    # the surfaces are synthetic Cityscapes' own: the other camera-styled sets (ACDC, folder) draw _CITY flat
+    return replace(_Style(colours, *rest), surfaces=gap)

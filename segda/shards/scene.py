@@ -63,11 +63,11 @@ class _Style:
     persons: tuple
     ego: float             # chance the ego hood is visible
     photo: float           # strength of the camera look: texture, cast, vignetting, blur, sensor noise (0: flat)
-    surfaces: float = 0.0  # strength of the city's own surfaces (cobbles, slabs, bricks, leaves; 0: the game's flat ones)
+    surfaces: float = 0.0  # strength of the city's surfaces (segda.shards.surfaces; synthetic Cityscapes only)
 
 
 _GTA5 = _Style(_GTA5_COLOURS, 6.0, (0.44, 0.52), 0.55, (1.6, 2.1), (3, 8), 0.3, (1, 5), 0.15, 0.0)
-_CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, 1.0, 1.0)
+_CITY = _Style(_CITY_COLOURS, 16.0, (0.36, 0.44), 0.75, (1.2, 1.4), (1, 5), 0.7, (3, 10), 0.8, 1.0)
 
 # (width, height, length, glass band as fractions of the height, wheel radius), metres.
 _VEHICLES = {"car": (1.8, 1.5, 4.3, (0.6, 0.92), 0.32), "truck": (2.5, 3.6, 8.0, (0.0, 0.0), 0.5),

@@ -1,8 +1,9 @@
 """The city's own surfaces, which the game draws flat: `draw_surfaces(canvas, strength)` (issue 21).
 
 Cobbled roads, slabbed sidewalks and rough grass are laid in metres on the ground plane of the canvas's pinhole
-camera, so they fade with distance as in a photo (a far pixel covers many cobbles and sees their mean); brick
-courses on facades and dappled foliage are drawn in image space. Only synthetic Cityscapes has them
+camera and fade to the flat colour as a pixel's footprint grows (a far pixel covers many cobbles, so the far road is
+untextured); the grass's 8 cm tufts show only within a few metres of the camera, so hardly at the demo's 320x160.
+Horizontal brick courses on facades (every 4th image row) and dappled foliage are drawn in image space. Only synthetic Cityscapes has them
 (`scene._Style.surfaces`, scaled by the gap in `segda.shards.looks`): no colour statistic of a frame sees a texture,
 and ClassMix never pastes a labelled one, so a self-trained model learns them only from the teacher's pseudo-labels.
 """
@@ -37,7 +38,7 @@ class Canvas(Protocol):
 
 
 def _ground_grid(c: Canvas, size_x: float, size_z: float, joint: float, stagger: bool):
-    """Each pixel below the horizon on the ground plane: its cell of a size_x by size_z grid (rows staggered by half
+    """Each pixel on the ground plane (rows above the horizon get the farthest ground's values): its cell of a size_x by size_z grid (rows staggered by half
     a cell for cobbles), whether it lies on a joint, and the fade of the pattern across and along the street."""
     v, u = np.mgrid[0:c.h, 0:c.w].astype(np.float64) + 0.5
     below = np.maximum(v - c.cy, 0.5)
