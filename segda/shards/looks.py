@@ -34,8 +34,8 @@ DESATURATION, DARKENING = 0.35, 0.15
 HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (35.0, 70.0), 0.35
 """The materials at gap 1: each turns by 35-70 degrees around the grey axis, clockwise or not, and changes its
 brightness by up to 35% either way. With 60-120 degrees (and a first version of the surfaces) the source teacher
-labelled half the target's pixels wrong (pixel accuracy 47.5%) and its pseudo-labels added 0.2-0.8 mIoU (seed 0, README "The
-synthetic gap"); a teacher must be mostly right for its labels to teach."""
+labelled half the target's pixels wrong (pixel accuracy 47.5%) and its pseudo-labels added 0.2-0.8 mIoU (seed 0,
+README "The synthetic gap"); a teacher must be mostly right for its labels to teach."""
 SOURCE_LIKE_SHARE = 1 / 3
 """The share of each material's instances (a car, a facade, a frame's road) that keeps the game's colour under the
 camera: the source model is right on those, so the teacher is right but unsure on the class rather than wrong."""
