@@ -193,6 +193,30 @@ def test_the_teachers_batchnorm_normalises_by_the_target_batch_and_updates_nothi
     assert not torch.allclose(running, batch_stats, atol=1e-3), "running statistics differ from the batch's"
 
 
+def test_the_teachers_swap_gives_back_every_modes_and_statistics_even_on_error_and_on_another_module():
+    """The swap sets each submodule's mode from a list found once: every mode (not only the top one's), the
+    BatchNorm's running statistics, and a module other than the bound one must come back as they were."""
+    method, model = _method()
+    model.train()
+    model.base_model.model.segformer.eval()  # mixed modes: a restore of the top module alone would not give these
+    norm = model.base_model.model.decode_head.batch_norm
+    norm.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    before = {k: v.clone() for k, v in norm.named_buffers()}
+    with pytest.raises(RuntimeError), method.teacher_weights(model, "batch"):
+        batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert batch_norms and all(m.training for m in batch_norms), "BatchNorm on the batch's statistics"
+        assert not any(m.training for m in model.modules() if m not in batch_norms), "the rest in eval mode"
+        raise RuntimeError("the teacher's forward failed")
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    after = dict(norm.named_buffers())
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    other = _tiny_adapter().train()
+    with method.teacher_weights(other, "running"):
+        assert not any(m.training for m in other.modules()), "the module passed, not the bound one"
+    assert all(m.training for m in other.modules())
+
+
 def _batch(n_source, n_target, size=32):
     g = torch.Generator().manual_seed(0)
     return {"source": {"image": torch.randint(0, 255, (n_source, size, size, 3), generator=g).to(torch.uint8),
