@@ -13,14 +13,14 @@
    `source+colour`: the source model on frames colour-matched to the source's look (no training at all)
 With --oracle a model is also trained on Cityscapes directly (`target`): the gain the adapter could reach.
 Training stages run as their own processes, under `accelerate launch` when --processes > 1, exactly as a
-user would run them.
+user would run them. On a CPU with one process per stage they run side by side, as many as there are cores (up to
+3), each into DIR/logs/STAGE.log: one stage keeps a single core busy (`segda.demo_jobs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,8 +28,9 @@ from pathlib import Path
 
 from segda.colourstats import load_colour_stats
 from segda.config import DataConfig
+from segda.demo_jobs import Job, run_jobs, stage_slots
 from segda.evaluate import InferenceOptions, evaluate_matrix
-from segda.log import SegdaError, info
+from segda.log import info
 from segda.rundir import STUDY_MARKERS, claim
 from segda.shards.encode import EncodeOptions
 from segda.shards.synth import synth_cityscapes, synth_gta5
@@ -63,6 +64,10 @@ class DemoSize:
 SMOKE = DemoSize(16, 6, 16, 6, (160, 88), (160, 80), 3, 2, 2,
                  "{hidden_sizes: [16, 32, 64, 128], decoder_hidden_size: 64}", (128, 128), 4)
 """A tiny setting for tests: every stage runs, the numbers mean nothing."""
+
+STAGE_TIMES = {"pretrain_s": "source", "oracle_s": "target", "adapt_s": "lora", "uda_s": "uda",
+               "uda_nopseudo_s": "uda-nopseudo"}
+"""report.json's extra: each stage's own seconds (side by side they overlap: `pretrain_wall_s`, `adapt_wall_s`)."""
 
 DAFORMER_PSEUDO_ROWS = (15, 120, 512)
 """DAFormer ignores the top 15 and bottom 120 rows of a 512-row Cityscapes crop's pseudo-label (the ego car)."""
@@ -111,20 +116,55 @@ def make_data(out: Path, size: DemoSize, seed: int) -> dict[str, Path]:
     return manifests
 
 
-def _train(stage: str, config: str, run: Path, steps: int, processes: int, overrides: list[str]) -> None:
+def _job(name: str, stage: str, config: str, run: Path, steps: int, processes: int, overrides: list[str]) -> Job:
     args = ["-m", "segda", stage, str(CONFIGS / config), "--out", str(run), "--max-steps", str(steps),
             "--set", *overrides]
     if processes > 1:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(processes), "--num_machines", "1", "--mixed_precision", mixed_precision(cpu=True),
-               "--dynamo_backend", "no",
-               "--main_process_port", "0", *args]
-        env = {"ACCELERATE_USE_CPU": "1"}
-    else:
-        cmd, env = [sys.executable, *args], {"ACCELERATE_MIXED_PRECISION": mixed_precision()}
-    proc = subprocess.run(cmd, env={**os.environ, **env})  # fixed argv, no shell
-    if proc.returncode != 0:
-        raise SegdaError(f"the {stage} stage failed (exit {proc.returncode}); its output is above")
+        argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                str(processes), "--num_machines", "1", "--mixed_precision", mixed_precision(cpu=True),
+                "--dynamo_backend", "no", "--main_process_port", "0", *args]
+        return Job(name, argv, {"ACCELERATE_USE_CPU": "1"})
+    return Job(name, [sys.executable, *args], {"ACCELERATE_MIXED_PRECISION": mixed_precision()})
+
+
+def _logged(jobs: list[Job], slots: int, out: Path) -> list[Job]:
+    """Jobs that run side by side write DIR/logs/STAGE.log; one at a time, they keep the terminal (and its bar)."""
+    if min(slots, len(jobs)) == 1:
+        return jobs
+    return [dataclasses.replace(job, log=out / "logs" / f"{job.name}.log") for job in jobs]
+
+
+def _beside(jobs: list[Job], slots: int) -> str:
+    at_once = min(slots, len(jobs))
+    return f", {at_once} stages at a time (one busy thread each)" if at_once > 1 else ""
+
+
+def _training_jobs(out: Path, manifests: dict, size: DemoSize, seed: int, processes: int, oracle: bool
+                   ) -> tuple[list[Job], list[Job]]:
+    """The stages that need only the data (the source; the oracle), then those that need the source model."""
+    runs = out / "runs"
+    crop = "data.crop_size={}x{}".format(*size.crop)
+    seed_set = [f"train.seed={seed}", f"model.config={size.model_config}", crop]
+
+    def job(name: str, stage: str, config: str, steps: int, overrides: list[str]) -> Job:
+        return _job(name, stage, config, runs / name, steps, processes, overrides)
+
+    first = [job("source", "pretrain", "pretrain.yaml", size.pretrain_steps,
+                 [f"data.train={manifests['gta5-train']}", *seed_set])]
+    if oracle:
+        first.append(job("target", "pretrain", "pretrain.yaml", size.pretrain_steps,
+                         [f"data.train={manifests['cityscapes-train']}",
+                          "data.base_size={}x{}".format(*size.cityscapes_size), *seed_set]))
+    base = f"model.name_or_path={runs / 'source' / 'model'}"
+    selftrain = [f"data.train={manifests['gta5-train']}", f"data.target={manifests['cityscapes-train-images']}",
+                 base, f"train.seed={seed}", crop, f"data.batch_size={size.uda_batch}", *_pseudo_rows(size.crop[1])]
+    # the longest first: side by side, the short LoRA run fills the gap the baseline leaves beside self-training
+    nopseudo = [*selftrain, "adapt.pseudo_loss_weight=0"]
+    second = [job("uda", "adapt", "selftrain.yaml", size.uda_steps, selftrain),
+              job("uda-nopseudo", "adapt", "selftrain.yaml", size.uda_steps, nopseudo),
+              job("lora", "adapt", "adapt.yaml", size.adapt_steps,
+                  [f"data.train={manifests['cityscapes-train']}", base, f"train.seed={seed}", crop])]
+    return first, second
 
 
 def run_demo(out: str | Path = "demo-out", processes: int = 1, oracle: bool = False, seed: int = 0,
@@ -140,28 +180,18 @@ def _study(out: Path, processes: int, oracle: bool, seed: int, size: DemoSize) -
     manifests = make_data(out, size, seed)
     times["data_s"] = time.perf_counter() - start
 
-    crop = "data.crop_size={}x{}".format(*size.crop)
-    seed_set = [f"train.seed={seed}", f"model.config={size.model_config}", crop]
-    start = _stage("3. pretrain on synthetic GTA5")
-    _train("pretrain", "pretrain.yaml", out / "runs" / "source", size.pretrain_steps, processes,
-           [f"data.train={manifests['gta5-train']}", *seed_set])
-    times["pretrain_s"] = time.perf_counter() - start
-
-    start = _stage("5. adapt to synthetic Cityscapes with LoRA")
-    _train("adapt", "adapt.yaml", out / "runs" / "lora", size.adapt_steps, processes,
-           [f"data.train={manifests['cityscapes-train']}", f"model.name_or_path={out / 'runs' / 'source' / 'model'}",
-            f"train.seed={seed}", crop])
-    times["adapt_s"] = time.perf_counter() - start
-    selftrain = [f"data.train={manifests['gta5-train']}", f"data.target={manifests['cityscapes-train-images']}",
-                 f"model.name_or_path={out / 'runs' / 'source' / 'model'}", f"train.seed={seed}", crop,
-                 f"data.batch_size={size.uda_batch}", *_pseudo_rows(size.crop[1])]
-    start = _stage("5. self-train an adapter on synthetic Cityscapes without its labels")
-    _train("adapt", "selftrain.yaml", out / "runs" / "uda", size.uda_steps, processes, selftrain)
-    times["uda_s"] = time.perf_counter() - start
-    start = _stage("5b. the same without pseudo-labels (adapt.pseudo_loss_weight=0): the baseline beside it")
-    _train("adapt", "selftrain.yaml", out / "runs" / "uda-nopseudo", size.uda_steps, processes,
-           [*selftrain, "adapt.pseudo_loss_weight=0"])
-    times["uda_nopseudo_s"] = time.perf_counter() - start
+    slots = stage_slots(processes)
+    first, second = _training_jobs(out, manifests, size, seed, processes, oracle)
+    start = _stage(f"3. pretrain on synthetic GTA5{' (and the oracle on synthetic Cityscapes)' if oracle else ''}"
+                   f"{_beside(first, slots)}")
+    took = run_jobs(_logged(first, slots, out), slots)
+    times["pretrain_wall_s"] = time.perf_counter() - start
+    start = _stage("5. adapt to synthetic Cityscapes: LoRA with its labels; self-training without them (uda), and the "
+                   f"same without pseudo-labels (uda-nopseudo){_beside(second, slots)}")
+    took.update(run_jobs(_logged(second, slots, out), slots))
+    times["adapt_wall_s"] = time.perf_counter() - start
+    times.update({key: took[name] for key, name in STAGE_TIMES.items() if name in took})
+    times["stages_side_by_side"] = slots
     source = str(out / "runs" / "source" / "model")
     looks = load_colour_stats(str(manifests["gta5-train"]), DataConfig())
     models = [("source", source), ("source+colour", source, {"colour_match": looks}),
@@ -169,10 +199,6 @@ def _study(out: Path, processes: int, oracle: bool, seed: int, size: DemoSize) -
               ("source+uda", str(out / "runs" / "uda" / "adapter")),
               ("source+lora", str(out / "runs" / "lora" / "adapter"))]
     if oracle:
-        start = _stage("oracle: train on synthetic Cityscapes directly")
-        _train("pretrain", "pretrain.yaml", out / "runs" / "target", size.pretrain_steps, processes,
-               [f"data.train={manifests['cityscapes-train']}", "data.base_size={}x{}".format(*size.cityscapes_size), *seed_set])
-        times["oracle_s"] = time.perf_counter() - start
         models.append(("target", str(out / "runs" / "target" / "model")))
 
     start = _stage("4 + 6. evaluate the matrix")

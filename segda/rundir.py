@@ -29,7 +29,7 @@ from segda.log import SegdaError, info
 
 LOCK = ".segda-lock"
 RUN_MARKERS = ("run.json", "model", "adapter", "checkpoints", "metrics.jsonl")
-STUDY_MARKERS = ("report.json", "runs", "shards", "raw")
+STUDY_MARKERS = ("report.json", "runs", "shards", "raw", "logs")
 """What makes a folder hold a training run, or a `segda demo` study."""
 STATE = "state.json"
 """A checkpoint folder's JSON part (segda.train.checkpointer): its presence marks the folder complete."""
