@@ -139,6 +139,11 @@ def test_demo_refuses_a_folder_that_holds_a_study(tmp_path):
     assert f"{study} already holds a run" in err and "--overwrite" in err
     assert time.perf_counter() - started < 10, "refused before any work"
     assert (study / "report.json").read_text() == "{}"
+    logs = tmp_path / "mine" / "logs"  # a folder of the user's with logs/ in it: the demo's stage logs would empty them
+    logs.mkdir(parents=True)
+    (logs / "source.log").write_text("my notes")
+    assert "already holds a run (logs)" in refused("demo", "--out", logs.parent, "--seed", 1)
+    assert (logs / "source.log").read_text() == "my notes"
 
 
 # ---- B. silent wrong results ---------------------------------------------------------------------------------
