@@ -31,8 +31,8 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(share)
 
 
-LONGEST_FIRST = ("test_launch_configs.py", "test_elastic.py", "test_demo.py", "test_evaluate.py",
-                 "test_selftrain.py", "test_hostile.py")
+LONGEST_FIRST = ("test_launch_configs.py", "test_elastic.py", "test_demo.py", "test_demo_side_by_side.py",
+                 "test_evaluate.py", "test_selftrain.py", "test_hostile.py")
 """Files that take 30-140 s of a worker (multi-process launches), longest first, measured with
 `python -m pytest -v` under time stamps. xdist hands out whole files (--dist loadfile) in collection order."""
 
