@@ -14,7 +14,7 @@
 With --oracle a model is also trained on Cityscapes directly (`target`): the gain the adapter could reach.
 Training stages run as their own processes, under `accelerate launch` when --processes > 1, exactly as a
 user would run them. On a CPU with one process per stage they run side by side, as many as there are cores (up to
-3), each into DIR/logs/STAGE.log: one stage keeps a single core busy (`segda.demo_jobs`).
+3), each beside another into DIR/logs/STAGE.log: one stage keeps a single core busy (`segda.demo_jobs`).
 """
 
 from __future__ import annotations
@@ -187,8 +187,8 @@ def _study(out: Path, processes: int, oracle: bool, seed: int, size: DemoSize) -
                    f"{_beside(first, slots)}")
     took = run_jobs(_logged(first, slots, out), slots)
     times["pretrain_wall_s"] = time.perf_counter() - start
-    start = _stage("5. adapt to synthetic Cityscapes: LoRA with its labels; self-training without them (uda), and the "
-                   f"same without pseudo-labels (uda-nopseudo){_beside(second, slots)}")
+    start = _stage("4-5. adapt to synthetic Cityscapes: LoRA with its labels; self-training without them (uda), and "
+                   f"the same without pseudo-labels (uda-nopseudo){_beside(second, slots)}")
     took.update(run_jobs(_logged(second, slots, out), slots))
     times["adapt_wall_s"] = time.perf_counter() - start
     times.update({key: took[name] for key, name in STAGE_TIMES.items() if name in took})

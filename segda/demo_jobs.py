@@ -5,9 +5,9 @@ where a CPU has a core to spare, each into its own log file.
 
 Why side by side: with one loader worker the thread budget (`segda.data.loader.thread_budget`) gives a training
 process one busy thread, and the demo's tiny model leaves its worker idle most of the time, so one stage keeps a
-2-core CPU half busy. The two self-training runs of the demo (900 steps of 4 + 4 crops) took 171 s side by side
-against 157.6 + 136.8 s one after the other, with identical weights (README, `segda demo`). The first stage to fail
-stops the others, and the error shows the end of its log.
+2-core CPU half busy. The two self-training runs of the demo's earlier recipe (900 steps of 4 + 4 crops) took
+171 s side by side against 157.6 + 136.8 s one after the other, with identical weights (README, `segda demo`).
+The first stage to fail stops the others, and the error shows the end of its log.
 """
 
 from __future__ import annotations
@@ -65,9 +65,11 @@ def run_jobs(jobs: list[Job], slots: int, *, heartbeat: float = 30.0, poll: floa
         raise ValueError("jobs that run side by side need a log file each")
     pending, running, took = list(jobs), {}, {}
     beat = time.monotonic()
-    with _sigterm_as_exit():
+    with _sigterm_as_exit() as received:
         try:
             while pending or running:
+                if received:  # checked here, not raised in the handler: no job is ever started but unrecorded
+                    raise SystemExit(128 + received[0])
                 while pending and len(running) < slots:
                     job = pending.pop(0)
                     running[job.name] = (job, _start(job), time.perf_counter())
@@ -93,17 +95,15 @@ def run_jobs(jobs: list[Job], slots: int, *, heartbeat: float = 30.0, poll: floa
 
 @contextmanager
 def _sigterm_as_exit():
-    """SIGTERM (kill, timeout, a CI cancel) ends this process through `finally`, which stops its jobs."""
+    """SIGTERM (kill, timeout, a CI cancel) ends `run_jobs` through `finally`, which stops its jobs: the handler
+    records the signal, and the loop leaves at its next turn (at most one poll later)."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
-
-    def leave(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, leave)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -166,6 +166,8 @@ def _progress(path: Path) -> str:
 
 def _failed(job: Job, code: int) -> str:
     how = f"failed (exit {code})"
+    if code == 75:  # segda's preempted status (segda.train.preempt): a signal reached the stage itself
+        how = "was preempted (exit 75: a signal reached it; its last checkpoint is in its run folder)"
     if code < 0:  # Popen's way of saying a signal ended it
         try:
             name = signal.Signals(-code).name

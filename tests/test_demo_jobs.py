@@ -112,10 +112,13 @@ def test_a_failing_stage_stops_the_others_with_sigterm_and_its_error_shows_the_e
     assert not (tmp_path / "never.stamp").exists(), "no stage starts after one failed"
 
 
-def test_a_stage_killed_by_a_signal_is_a_failure_that_says_so(tmp_path):
+def test_a_stage_killed_by_a_signal_or_preempted_is_a_failure_that_says_so(tmp_path):
     killed = _python("killed", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", tmp_path)
     with pytest.raises(SegdaError, match=r"the killed stage was killed by signal 9 \(SIGKILL: out of memory\?\)"):
         run_jobs([killed], slots=2)
+    preempted = _python("preempted", "import sys; sys.exit(75)", tmp_path)  # segda's own status for a stop
+    with pytest.raises(SegdaError, match=r"the preempted stage was preempted \(exit 75"):
+        run_jobs([preempted], slots=2)
 
 
 def test_sigterm_to_the_demo_stops_its_stages(tmp_path):
