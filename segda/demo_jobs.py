@@ -16,13 +16,12 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from segda.log import SegdaError, info
+from segda.train.preempt import EXIT_PREEMPTED, StopSignals
 
 MAX_SLOTS = 3
 """The demo's widest phase: LoRA, self-training and its baseline, which need only the pretrained source."""
@@ -55,8 +54,8 @@ def stage_slots(processes: int, gpu: bool | None = None, cores: int | None = Non
 
 def run_jobs(jobs: list[Job], slots: int, *, heartbeat: float = 30.0, poll: float = 0.2) -> dict[str, float]:
     """Run `jobs` in their order, at most `slots` at once; {name: seconds each took}. A job that exits non-zero
-    stops the ones still running and raises SegdaError; so does a SIGTERM to this process (a job left behind would
-    go on writing its run folder after the study's lock is gone)."""
+    stops the ones still running and raises SegdaError; a SIGTERM or SIGUSR1 to this process stops them and exits
+    (a job left behind would go on writing its run folder after the study's lock is gone). Main thread only."""
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     if len({job.name for job in jobs}) != len(jobs):
@@ -65,47 +64,35 @@ def run_jobs(jobs: list[Job], slots: int, *, heartbeat: float = 30.0, poll: floa
         raise ValueError("jobs that run side by side need a log file each")
     pending, running, took = list(jobs), {}, {}
     beat = time.monotonic()
-    with _sigterm_as_exit() as received:
-        try:
-            while pending or running:
-                if received:  # checked here, not raised in the handler: no job is ever started but unrecorded
-                    raise SystemExit(128 + received[0])
-                while pending and len(running) < slots:
-                    job = pending.pop(0)
-                    running[job.name] = (job, _start(job), time.perf_counter())
-                for name, (job, proc, started) in list(running.items()):
-                    code = proc.poll()
-                    if code is None:
-                        continue
-                    del running[name]
-                    took[name] = time.perf_counter() - started
-                    if code != 0:
-                        raise SegdaError(_failed(job, code))
-                    if job.log is not None:
-                        info(f"{name} done in {took[name]:.0f} s: {_last_line(job.log)}")
-                logged = [(name, job) for name, (job, _, _) in running.items() if job.log is not None]
-                if logged and time.monotonic() - beat >= heartbeat:
-                    beat = time.monotonic()
-                    info("  ".join(f"{name} {_progress(job.log)}" for name, job in logged))
-                time.sleep(poll if running else 0)
-        finally:
-            _stop([proc for _, proc, _ in running.values()])
-    return took
-
-
-@contextmanager
-def _sigterm_as_exit():
-    """SIGTERM (kill, timeout, a CI cancel) ends `run_jobs` through `finally`, which stops its jobs: the handler
-    records the signal, and the loop leaves at its next turn (at most one poll later)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    # SIGTERM (kill, timeout, a CI cancel) is recorded, and acted on at the loop's next turn, not raised in the
+    # handler: then no job is ever started but unknown to `finally`, which stops them
+    signals = StopSignals()
     try:
-        yield received
+        while pending or running:
+            if signals.received:
+                raise SystemExit(128 + signals.received)
+            while pending and len(running) < slots:
+                job = pending.pop(0)
+                running[job.name] = (job, _start(job), time.perf_counter())
+            for name, (job, proc, started) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[name]
+                took[name] = time.perf_counter() - started
+                if code != 0:
+                    raise SegdaError(_failed(job, code))
+                if job.log is not None:
+                    info(f"{name} done in {took[name]:.0f} s: {_last_line(job.log)}")
+            logged = [(name, job) for name, (job, _, _) in running.items() if job.log is not None]
+            if logged and time.monotonic() - beat >= heartbeat:
+                beat = time.monotonic()
+                info("  ".join(f"{name} {_progress(job.log)}" for name, job in logged))
+            time.sleep(poll if running else 0)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _stop([proc for _, proc, _ in running.values()])
+        signals.restore()
+    return took
 
 
 def _start(job: Job) -> subprocess.Popen:
@@ -166,7 +153,7 @@ def _progress(path: Path) -> str:
 
 def _failed(job: Job, code: int) -> str:
     how = f"failed (exit {code})"
-    if code == 75:  # segda's preempted status (segda.train.preempt): a signal reached the stage itself
+    if code == EXIT_PREEMPTED:  # a signal reached the stage itself
         how = "was preempted (exit 75: a signal reached it; its last checkpoint is in its run folder)"
     if code < 0:  # Popen's way of saying a signal ended it
         try:

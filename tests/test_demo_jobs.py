@@ -98,9 +98,11 @@ def test_a_failing_stage_stops_the_others_with_sigterm_and_its_error_shows_the_e
                                  "sys.stderr.write('x: 1/9 [\\r' * 20 + '\\n')\n"
                                  "print('error: data.train names no shard', file=sys.stderr); sys.exit(3)", tmp_path)
     never = _stamped("never", 0.0, tmp_path)
+    handler = signal.getsignal(signal.SIGTERM)
     started = time.perf_counter()
     with pytest.raises(SegdaError) as err:
         run_jobs([sleeper, failing, never], slots=2)
+    assert signal.getsignal(signal.SIGTERM) is handler, "this process's own SIGTERM handler back"
     assert time.perf_counter() - started < 30, "the sleeper was stopped, not waited for"
     message = str(err.value)
     assert "the failing stage failed (exit 3)" in message and str(failing.log) in message
