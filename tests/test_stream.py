@@ -189,6 +189,20 @@ def test_pipe_urls_are_refused_unless_enabled(cityscapes_manifest):
     assert len(eval_keys(spec, cfg(workers=0, allow_pipe=True), 1)) == 4
 
 
+def test_a_manifest_never_names_a_pipe_command_even_with_pipes_enabled(cityscapes_manifest, tmp_path):
+    """allow_pipe covers URLs the user typed; a manifest (it may come from a server) only lists files and URLs."""
+    from segda.data.datasets import resolve_dataset
+
+    manifest = _copy_shards(cityscapes_manifest, tmp_path / "shards")
+    ran = tmp_path / "ran"
+    data = json.loads(manifest.read_text())
+    data["shards"][0]["url"] = f"pipe:touch {ran}; cat {manifest.parent}/val-000000.tar"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(SegdaError, match=r"shards\[0\]\.url is a pipe: command"):
+        resolve_dataset(str(manifest), allow_pipe=True)
+    assert not ran.exists(), "the command never ran"
+
+
 # ---- bad data -------------------------------------------------------------------------------------------
 
 def _copy_shards(manifest: Path, dest: Path) -> Path:
