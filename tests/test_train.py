@@ -265,6 +265,36 @@ def test_loss_of_a_batch_without_valid_pixels_is_zero_not_nan():
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_the_channels_last_loss_is_cross_entropy_over_the_upsampled_logits(memory_format):
+    """pixel_cross_entropy against the textbook NCHW form, values and gradients: a non-square crop (a swapped
+    height and width fails), ignored pixels, logits in either memory format, both losses that use it."""
+    import torch.nn.functional as F
+
+    from segda.methods.selftrain import weighted_loss
+    from segda.model import segmentation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 19, 12, 20).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 19, (3, 48, 80), dtype=torch.uint8)
+    labels[0, :5], labels[2, :, 70:] = 255, 255
+    weight = torch.rand(3, 48, 80)
+
+    def textbook(x):
+        up = F.interpolate(x.contiguous(), size=(48, 80), mode="bilinear", align_corners=False)
+        per_pixel = F.cross_entropy(up, labels.long(), ignore_index=255, reduction="none")
+        valid = (labels != 255).sum()
+        return per_pixel.sum() / valid, (per_pixel * weight).sum() / valid
+
+    for ours, theirs in ((segmentation_loss, lambda x: textbook(x)[0]),
+                         (lambda x, y: weighted_loss(x, y, weight), lambda x: textbook(x)[1])):
+        a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        mine, reference = ours(a, labels), theirs(b)
+        mine.backward(), reference.backward()
+        assert torch.allclose(mine, reference, rtol=1e-5), (mine, reference)
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("clip", [0, 1])
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_before_it_reaches_the_weights(tmp_path, gta5_manifest, clip):

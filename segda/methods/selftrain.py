@@ -24,7 +24,7 @@ from segda.data.stream import PairedData, TrainingData
 from segda.log import SegdaError
 from segda.methods import dacs, photometric
 from segda.methods.context import StepContext
-from segda.model import segmentation_loss
+from segda.model import pixel_cross_entropy, segmentation_loss
 
 
 class SelfTraining:
@@ -228,7 +228,5 @@ class SelfTraining:
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each pixel times its weight, averaged over the non-IGNORE pixels (no sync)."""
-    labels = labels.long()
-    up = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    per_pixel = F.cross_entropy(up, labels, ignore_index=IGNORE, reduction="none")
+    per_pixel = pixel_cross_entropy(logits, labels, "none")
     return (per_pixel * weight).sum() / (labels != IGNORE).sum().clamp(min=1)
