@@ -39,6 +39,19 @@ def test_pseudo_label_weights_per_batch_per_image_and_per_pixel():
     assert float(pseudo_labels(below, mode="batch")[1]) == 0
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_pseudo_labels_are_the_top_softmax_class_and_its_probability_in_either_memory_format(memory_format):
+    """Against the textbook softmax over NCHW's dim 1, on non-square crops (a swapped height and width fails) whose
+    logits span the threshold, so that the confident pixels are some, not none or all."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, NUM_CLASSES, 10, 14) * 4).contiguous(memory_format=memory_format)
+    confidence, expected = torch.softmax(logits, dim=1).max(dim=1)
+    labels, weight = pseudo_labels(logits, mode="pixel", threshold=0.9)
+    assert torch.equal(labels, expected)
+    assert 0 < int((confidence >= 0.9).sum()) < confidence.numel()
+    assert torch.equal(weight, (confidence >= 0.9).float())
+
+
 def test_padding_and_the_crops_top_and_bottom_rows_are_never_pseudo_labelled():
     valid = torch.tensor([[10, 0, 12], [10, 4, 12]])  # crop 0: rows 0-9 hold the frame; crop 1 flipped: cols 4-11
     usable = valid_pixels(valid, height=12, width=12, ignore_top=2, ignore_bottom=3)
@@ -81,6 +94,21 @@ def _hsv(rgb):
 def test_hsv_round_trip():
     rgb = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(photometric.hsv_to_rgb(*_hsv(rgb)), rgb, atol=1e-5)
+
+
+def test_saturation_is_the_hsv_round_trip_with_s_scaled_and_clamped():
+    """scale_saturation against rgb_to_hsv -> S * factor clamped to 1 -> hsv_to_rgb, on colours that clamp
+    (saturated ones times 1.2), greys (S 0) and black, for factors below and above 1."""
+    g = torch.Generator().manual_seed(5)
+    rgb = torch.rand(6, 3, 8, 8, generator=g)
+    rgb[0, :, :4] = rgb[0, :1, :4]  # greys
+    rgb[1, 1:] = 0.0  # pure reds: S = 1
+    rgb[2, :, 0, 0] = 0.0  # black
+    factor = torch.tensor([0.8, 1.2, 1.2, 0.9, 1.2, 1.05]).view(-1, 1, 1, 1)
+    h, s, v = _hsv(rgb)
+    expected = photometric.hsv_to_rgb(h, (s * factor).clamp(0, 1), v)
+    assert ((s * factor) > 1).any(), "some colours clamp"
+    assert torch.allclose(photometric.scale_saturation(rgb, factor), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("op", [0, 1, 2, 3], ids=["brightness", "contrast", "saturation", "hue"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segda.classes import NUM_CLASSES
 
@@ -61,7 +60,11 @@ def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor | None = None, thres
     exclude); the others weigh 0 and the shares count only valid pixels."""
     if mode not in PSEUDO_WEIGHTS:
         raise ValueError(f"pseudo-label weight mode must be one of {PSEUDO_WEIGHTS}, got {mode!r}")
-    confidence, labels = F.softmax(logits.float(), dim=1).max(dim=1)
+    # per pixel, a contiguous row of class scores (channels-last): 2.5x faster on a CPU than the same reductions
+    # over NCHW's dim 1 at 8x19x512x512; the top softmax probability is 1 / sum(exp(scores - top score))
+    scores = logits.float().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    top, labels = scores.max(dim=-1)
+    confidence = (scores - top[..., None]).exp().sum(dim=-1).reciprocal()
     valid = torch.ones_like(confidence, dtype=torch.bool) if valid is None else valid
     confident = ((confidence >= threshold) & valid).float()
     if mode == "pixel":

@@ -207,7 +207,8 @@ class SelfTraining:
             return zeros.long(), zeros
         with torch.no_grad(), self.teacher_weights(ctx.module, a.teacher_norm_stats) as teacher, ctx.autocast():
             logits = teacher(pixel_values=target_pixels).logits
-        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=(height, width),
+                               mode="bilinear", align_corners=False)  # channels-last: dacs.pseudo_labels' rows
         usable = dacs.valid_pixels(valid, height, width, a.pseudo_ignore_top, a.pseudo_ignore_bottom)
         pseudo, weight = dacs.pseudo_labels(logits, usable, self.threshold, mode=a.pseudo_weight)
         # every mode's weights average to the confident share over the usable pixels (on the device: no wait)
