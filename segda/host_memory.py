@@ -42,7 +42,7 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # glibc before 2.26 or so refuses a threshold over 32 MB: then no block is mmapped at all (M_MMAP_MAX 0)
     from_heap = bool(mallopt(_M_MMAP_THRESHOLD, _BLOCKS_FROM_HEAP_UP_TO)) or bool(mallopt(_M_MMAP_MAX, 0))
-    kept = bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, -1))  # never trim (mallopt(3)); INT_MAX still trimmed a top of 2 GiB+
     _done = from_heap and kept
     return _done
 
