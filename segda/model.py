@@ -151,19 +151,20 @@ def _fp32_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Cross-entropy of each label pixel against the logits upsampled (bilinear) to the labels' size; IGNORE
-    pixels give 0. `reduction` as F.cross_entropy's ("sum" or "none", then shaped like `labels`).
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each label pixel against the logits upsampled (bilinear) to the labels' size, shaped like
+    `labels`; IGNORE pixels give 0.
 
     Computed channels-last, one row of class scores per pixel: the same sums as cross-entropy over NCHW dim 1, but
-    2x faster on a CPU (a SegFormer's logits come out of oneDNN channels-last; over dim 1 the log-softmax first
-    copied the 8x19x512x512 upsampled logits to NCHW, and the gradient then took the NCHW upsampling backward, 3.7x
-    slower than the channels-last one: `segda bench loop` measures it)."""
+    2x faster on a CPU (a SegFormer's logits come out channels-last there; over dim 1 the log-softmax first copied
+    the 8x19x512x512 upsampled logits to NCHW, and the gradient then took the NCHW upsampling backward, 3.7x slower
+    than the channels-last one: `segda bench loop` measures it). Per pixel, never reduced inside: CUDA sums a
+    (rows, classes) cross-entropy in a single block of threads, where an elementwise loss and a sum spread over
+    the whole GPU."""
     up = F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=labels.shape[-2:],
                        mode="bilinear", align_corners=False)
     rows = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])  # a view: channels-last is (B, H, W, C) in memory
-    loss = F.cross_entropy(rows, labels.reshape(-1).long(), ignore_index=IGNORE, reduction=reduction)
-    return loss.view(labels.shape) if reduction == "none" else loss
+    return F.cross_entropy(rows, labels.reshape(-1).long(), ignore_index=IGNORE, reduction="none").view(labels.shape)
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -173,4 +174,4 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     graph, so every rank joins DDP's gradient all-reduce) instead of the NaN of a mean over nothing, and no
     host-device sync is needed to find out.
     """
-    return pixel_cross_entropy(logits, labels, "sum") / (labels != IGNORE).sum().clamp(min=1)
+    return pixel_cross_entropy(logits, labels).sum() / (labels != IGNORE).sum().clamp(min=1)

@@ -42,34 +42,32 @@ def test_a_freed_big_tensor_is_reused_without_page_faults_and_the_switch_turns_i
 
 
 OVER_2_GIB = """
-import ctypes, resource
+import ctypes
 from segda.host_memory import keep_freed_memory
-keep_freed_memory()
+print(keep_freed_memory())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 size = 640 * 2 ** 20  # a step at 1024x1024 crops: 8x19x1024x1024 logits and their gradients, 640 MB each
-for _ in range(2):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [libc.malloc(size) for _ in range(4)]
-    for block in blocks:
-        libc.memset(block, 1, size)
-    for block in blocks:
-        libc.free(block)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)  # the second step's faults
+blocks = [libc.malloc(size) for _ in range(4)]  # from the heap, never touched: nothing becomes resident
+top = libc.sbrk(0)
+for block in blocks:
+    libc.free(block)
+print((top - libc.sbrk(0)) // 2 ** 20)  # MB of heap given back to the kernel by the frees
 """
 
 
-@pytest.mark.slow
 def test_a_step_that_frees_over_2_gib_at_once_keeps_it_too():
     """mallopt's trim threshold is an int: at its largest (2 GiB - 1) glibc still gave a heap top of 2.5 GB back
     to the kernel at every step of 1024x1024 crops, and faulted it in again (~650k faults, 5 s steps instead of
-    2.7). -1 turns trimming off."""
+    2.7). -1 turns trimming off. The heap's end is read directly (sbrk): no page is touched, so the test holds
+    with transparent huge pages too."""
     import os
 
     out = subprocess.run([sys.executable, "-c", OVER_2_GIB], capture_output=True, text=True, check=True,
-                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout
-    assert int(out) < 10000, out
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}).stdout.split()
+    assert out == ["True", "0"], out
 
 
 def test_a_gpu_in_reach_leaves_malloc_alone_unless_hidden(monkeypatch, tmp_path):

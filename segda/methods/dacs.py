@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from segda.classes import NUM_CLASSES
 
@@ -60,11 +61,10 @@ def pseudo_labels(logits: torch.Tensor, valid: torch.Tensor | None = None, thres
     exclude); the others weigh 0 and the shares count only valid pixels."""
     if mode not in PSEUDO_WEIGHTS:
         raise ValueError(f"pseudo-label weight mode must be one of {PSEUDO_WEIGHTS}, got {mode!r}")
-    # per pixel, a contiguous row of class scores (channels-last): 2.5x faster on a CPU than the same reductions
-    # over NCHW's dim 1 at 8x19x512x512; the top softmax probability is 1 / sum(exp(scores - top score))
+    # per pixel, a contiguous row of class scores (channels-last): on a CPU 1.8x faster than the same softmax and
+    # max over NCHW's dim 1 at 8x19x512x512 (selftrain hands the logits over channels-last)
     scores = logits.float().contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    top, labels = scores.max(dim=-1)
-    confidence = (scores - top[..., None]).exp().sum(dim=-1).reciprocal()
+    confidence, labels = F.softmax(scores, dim=-1).max(dim=-1)
     valid = torch.ones_like(confidence, dtype=torch.bool) if valid is None else valid
     confident = ((confidence >= threshold) & valid).float()
     if mode == "pixel":

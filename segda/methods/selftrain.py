@@ -229,5 +229,5 @@ class SelfTraining:
 
 def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each pixel times its weight, averaged over the non-IGNORE pixels (no sync)."""
-    per_pixel = pixel_cross_entropy(logits, labels, "none")
+    per_pixel = pixel_cross_entropy(logits, labels)
     return (per_pixel * weight).sum() / (labels != IGNORE).sum().clamp(min=1)
