@@ -140,6 +140,9 @@ def test_colour_jitter_factors_follow_kornia_0_5_8(op):
     assert change.min() >= low - 1e-4 and change.max() <= high + 1e-4, (change.min(), change.max())
     span = high - low
     assert change.min() < low + 0.1 * span and change.max() > high - 0.1 * span, "the whole range is drawn"
+    draws = torch.Generator().manual_seed(4)  # colour_jitter draws the four factors, in this order, per image
+    own = [torch.rand(256, generator=draws) for _ in range(4)][op]
+    assert torch.allclose(change, low + span * own, atol=1e-4), "each operation takes its own factor"
 
 
 def test_strong_augmentation_jitters_80_and_blurs_50_percent_of_batches_whole():
