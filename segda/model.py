@@ -151,27 +151,34 @@ def _fp32_batchnorm(self, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each label pixel against the logits upsampled (bilinear) to the labels' size, shaped like
-    `labels`; IGNORE pixels give 0.
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits (B, C, h, w) bilinearly upsampled to `size` (H, W), in float32 and channels-last: each pixel's class
+    scores one contiguous row (B, H, W, C in memory), which the full-resolution loss and pseudo-labels reduce over.
+    A SegFormer's logits come out channels-last on a CPU; reductions over NCHW's dim 1 first copied the 160 MB of
+    8x19x512x512 upsampled logits to NCHW, and their gradient took the NCHW upsampling backward, 3.7x slower than
+    the channels-last one (`segda bench loop` measures it)."""
+    return F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                         align_corners=False)
 
-    Computed channels-last, one row of class scores per pixel: the same sums as cross-entropy over NCHW dim 1, but
-    2x faster on a CPU (a SegFormer's logits come out channels-last there; over dim 1 the log-softmax first copied
-    the 8x19x512x512 upsampled logits to NCHW, and the gradient then took the NCHW upsampling backward, 3.7x slower
-    than the channels-last one: `segda bench loop` measures it). Per pixel, never reduced inside: CUDA sums a
-    (rows, classes) cross-entropy in a single block of threads, where an elementwise loss and a sum spread over
-    the whole GPU."""
-    up = F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=labels.shape[-2:],
-                       mode="bilinear", align_corners=False)
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each label pixel against the logits upsampled to the labels' size, shaped like `labels`;
+    IGNORE pixels give 0. Over channels-last rows (upsample_logits): the same sums as over NCHW's dim 1, 2x faster
+    on a CPU. Per pixel, never reduced inside: CUDA sums a (rows, classes) cross-entropy in a single block of
+    threads, where an elementwise loss and a sum spread over the whole GPU."""
+    up = upsample_logits(logits, labels.shape[-2:])
     rows = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])  # a view: channels-last is (B, H, W, C) in memory
     return F.cross_entropy(rows, labels.reshape(-1).long(), ignore_index=IGNORE, reduction="none").view(labels.shape)
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over non-IGNORE pixels, logits upsampled to label resolution.
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over non-IGNORE pixels, logits upsampled to label resolution; with `weight` (shaped like
+    `labels`: self-training's pseudo-label weights), each pixel's cross-entropy times its weight.
 
     Summed and divided by max(valid pixels, 1): a batch with no valid pixel gives 0 (still connected to the
     graph, so every rank joins DDP's gradient all-reduce) instead of the NaN of a mean over nothing, and no
     host-device sync is needed to find out.
     """
-    return pixel_cross_entropy(logits, labels).sum() / (labels != IGNORE).sum().clamp(min=1)
+    per_pixel = pixel_cross_entropy(logits, labels)
+    total = per_pixel.sum() if weight is None else (per_pixel * weight).sum()
+    return total / (labels != IGNORE).sum().clamp(min=1)

@@ -268,10 +268,9 @@ def test_loss_of_a_batch_without_valid_pixels_is_zero_not_nan():
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
 def test_the_channels_last_loss_is_cross_entropy_over_the_upsampled_logits(memory_format):
     """pixel_cross_entropy against the textbook NCHW form, values and gradients: a non-square crop (a swapped
-    height and width fails), ignored pixels, logits in either memory format, both losses that use it."""
+    height and width fails), ignored pixels, logits in either memory format, with and without per-pixel weights."""
     import torch.nn.functional as F
 
-    from segda.methods.selftrain import weighted_loss
     from segda.model import segmentation_loss
 
     torch.manual_seed(0)
@@ -287,7 +286,7 @@ def test_the_channels_last_loss_is_cross_entropy_over_the_upsampled_logits(memor
         return per_pixel.sum() / valid, (per_pixel * weight).sum() / valid
 
     for ours, theirs in ((segmentation_loss, lambda x: textbook(x)[0]),
-                         (lambda x, y: weighted_loss(x, y, weight), lambda x: textbook(x)[1])):
+                         (lambda x, y: segmentation_loss(x, y, weight), lambda x: textbook(x)[1])):
         a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
         mine, reference = ours(a, labels), theirs(b)
         mine.backward(), reference.backward()

@@ -17,14 +17,12 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from segda.classes import IGNORE
 from segda.data.stream import PairedData, TrainingData
 from segda.log import SegdaError
 from segda.methods import dacs, photometric
 from segda.methods.context import StepContext
-from segda.model import pixel_cross_entropy, segmentation_loss
+from segda.model import segmentation_loss, upsample_logits
 
 
 class SelfTraining:
@@ -195,8 +193,8 @@ class SelfTraining:
         else:
             source_logits = student(pixel_values=source_pixels).logits
             mixed_logits = student(pixel_values=mixed).logits
-        return segmentation_loss(source_logits, source_labels) + weighted_loss(mixed_logits, mixed_labels,
-                                                                              mixed_weight)
+        return (segmentation_loss(source_logits, source_labels)
+                + segmentation_loss(mixed_logits, mixed_labels, mixed_weight))
 
     def _pseudo_labels(self, target_pixels: torch.Tensor, valid: torch.Tensor, ctx: StepContext):
         """The teacher's labels of the target crops and their weights (pseudo_loss_weight 0: never asked)."""
@@ -207,8 +205,7 @@ class SelfTraining:
             return zeros.long(), zeros
         with torch.no_grad(), self.teacher_weights(ctx.module, a.teacher_norm_stats) as teacher, ctx.autocast():
             logits = teacher(pixel_values=target_pixels).logits
-        logits = F.interpolate(logits.float().contiguous(memory_format=torch.channels_last), size=(height, width),
-                               mode="bilinear", align_corners=False)  # channels-last: dacs.pseudo_labels' rows
+        logits = upsample_logits(logits, (height, width))
         usable = dacs.valid_pixels(valid, height, width, a.pseudo_ignore_top, a.pseudo_ignore_bottom)
         pseudo, weight = dacs.pseudo_labels(logits, usable, self.threshold, mode=a.pseudo_weight)
         # every mode's weights average to the confident share over the usable pixels (on the device: no wait)
@@ -226,8 +223,3 @@ class SelfTraining:
         share, self.confident, self.batches = self.confident / self.batches, None, 0
         return {"pseudo_confident_share": share}
 
-
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each pixel times its weight, averaged over the non-IGNORE pixels (no sync)."""
-    per_pixel = pixel_cross_entropy(logits, labels)
-    return (per_pixel * weight).sum() / (labels != IGNORE).sum().clamp(min=1)
