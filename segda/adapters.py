@@ -38,10 +38,14 @@ _HEAD_SAVED = {
 _HEAD_LORA = r"decode_head\.(linear_fuse|classifier|linear_projections\.\d+\.proj)"
 
 
+_SEGFORMER_NAMES = "transformers 5 SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2, patch_embeddings.proj"
+
+
 def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
     encoder = "|".join(cfg.target_modules)
-    # A regex so encoder targets never hit same-named layers in the head (and head LoRA is opt-in).
-    targets = rf".*\.({encoder})" + (rf"|{_HEAD_LORA}" if cfg.head == "lora" else "")
+    # A regex anchored in the encoder, so encoder targets never hit same-named layers in the head (the head's
+    # linear_projections.N.proj beside the encoder's patch_embeddings.proj); head LoRA is opt-in.
+    targets = rf"segformer\..*\.({encoder})" + (rf"|{_HEAD_LORA}" if cfg.head == "lora" else "")
     return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                           modules_to_save=_HEAD_SAVED[cfg.head] or None, bias="none")
 
@@ -52,12 +56,10 @@ def attach_lora(model, cfg: LoraConfig) -> PeftModel:
         peft_model = get_peft_model(model, peft_config(cfg))
     except ValueError as err:  # peft: "Target modules ... not found in the base model"
         raise SegdaError(f"lora.target_modules {cfg.target_modules} (lora.head {cfg.head}) match no layer of the model "
-                         f"({err}); transformers 5 SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2") \
-            from None
+                         f"({err}); {_SEGFORMER_NAMES}") from None
     matched = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
     if not matched:
-        raise SegdaError(f"lora.target_modules {cfg.target_modules} match no layer of the model; transformers 5 "
-                         "SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2")
+        raise SegdaError(f"lora.target_modules {cfg.target_modules} match no layer of the model; {_SEGFORMER_NAMES}")
     return peft_model
 
 

@@ -236,7 +236,8 @@ class LoraConfig:
     """Dropout on the LoRA input."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
-    """Encoder linear layers that get LoRA (transformers 5 names: q_proj, k_proj, v_proj, o_proj, fc1, fc2)."""
+    """Encoder layers that get LoRA (transformers 5 names: q_proj, k_proj, v_proj, o_proj, fc1, fc2; and
+    patch_embeddings.proj, the convolution that starts each stage, where a frame's colours enter)."""
     head: str = "classifier+norm"
     """What trains in the decode head: none | classifier | classifier+norm | lora | full."""
 

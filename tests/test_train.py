@@ -52,7 +52,7 @@ def expected_adapter_keys(base_dir: Path, targets: list[str]) -> set[str]:
     base = SegformerForSemanticSegmentation.from_pretrained(base_dir, use_safetensors=True)
     keys = set()
     for name, _ in base.named_modules():
-        if name.startswith("segformer.") and name.split(".")[-1] in targets:
+        if name.startswith("segformer.") and any(name.endswith(f".{target}") for target in targets):
             keys |= {f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"}
     for name in ("weight", "bias"):
         keys.add(f"base_model.model.decode_head.classifier.{name}")
@@ -84,6 +84,40 @@ def test_adapter_holds_exactly_the_lora_and_head_tensors(adapted, pretrained):
     assert (folder / "adapter_model.safetensors").stat().st_size < full / 2
     assert meta["trainable_parameters"] == sum(v.numel() for k, v in saved.items()
                                                if "running" not in k and "num_batches" not in k)
+
+
+def test_encoder_targets_never_reach_the_heads_layers_of_the_same_name(tmp_path):
+    """The decode head has linear_projections.N.proj beside the encoder's patch_embeddings.proj: a bare `proj`
+    target is the encoder's only (head LoRA is `lora.head: lora`). A patch-embedding adapter (LoRA on convolutions)
+    saves and loads like any other."""
+    from segda.adapters import attach_lora, load_adapted, save_adapter
+    from segda.config import LoraConfig
+    from segda.model import build_model, fingerprint, save_model
+
+    base_dir = save_model(build_model("", {"hidden_sizes": [8, 16, 16, 16], "decoder_hidden_size": 16}),
+                          tmp_path / "base")
+
+    def lora_layers(**kw):
+        return {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in
+                attach_lora(build_model(str(base_dir)), LoraConfig(**kw)).named_modules() if n.endswith("lora_A")}
+
+    assert lora_layers(target_modules=["proj"]) == {f"segformer.stages.{i}.patch_embeddings.proj" for i in range(4)}
+    assert lora_layers(target_modules=["patch_embeddings.proj"]) == lora_layers(target_modules=["proj"])
+    with_head = lora_layers(target_modules=["proj"], head="lora")
+    assert {f"decode_head.linear_projections.{i}.proj" for i in range(4)} < with_head
+
+    adapted = attach_lora(build_model(str(base_dir)), LoraConfig(target_modules=["q_proj", "patch_embeddings.proj"]))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:  # B starts at zero: a trained adapter has moved it
+                param.normal_(0, 0.1)
+    save_adapter(adapted, tmp_path / "adapter", base=str(base_dir),
+                 base_fingerprint=fingerprint(build_model(str(base_dir))), config={})
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = adapted.eval()(pixel_values=x).logits
+        assert torch.equal(load_adapted(tmp_path / "adapter").eval()(pixel_values=x).logits, expected)
+        assert not torch.equal(build_model(str(base_dir)).eval()(pixel_values=x).logits, expected)
 
 
 @pytest.mark.slow
