@@ -101,10 +101,16 @@ def test_encoder_targets_never_reach_the_heads_layers_of_the_same_name(tmp_path)
         return {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in
                 attach_lora(build_model(str(base_dir)), LoraConfig(**kw)).named_modules() if n.endswith("lora_A")}
 
-    assert lora_layers(target_modules=["proj"]) == {f"segformer.stages.{i}.patch_embeddings.proj" for i in range(4)}
-    assert lora_layers(target_modules=["patch_embeddings.proj"]) == lora_layers(target_modules=["proj"])
-    with_head = lora_layers(target_modules=["proj"], head="lora")
-    assert {f"decode_head.linear_projections.{i}.proj" for i in range(4)} < with_head
+    patch = {f"segformer.stages.{i}.patch_embeddings.proj" for i in range(4)}
+    assert lora_layers(target_modules=["proj"]) == patch
+    assert lora_layers(target_modules=["patch_embeddings.proj"]) == patch
+    head = {f"decode_head.linear_projections.{i}.proj" for i in range(4)} | {"decode_head.linear_fuse",
+                                                                             "decode_head.classifier"}
+    assert lora_layers(target_modules=["proj"], head="lora") == patch | head
+    # the default targets: every block's attention and MLP layers, in every stage (2 blocks each), and nothing else
+    assert lora_layers() == {f"segformer.stages.{i}.blocks.{j}.{layer}" for i in range(4) for j in range(2)
+                             for layer in ("attention.q_proj", "attention.k_proj", "attention.v_proj",
+                                           "attention.o_proj", "mlp.fc1", "mlp.fc2")}
 
     adapted = attach_lora(build_model(str(base_dir)), LoraConfig(target_modules=["q_proj", "patch_embeddings.proj"]))
     with torch.no_grad():
@@ -113,6 +119,9 @@ def test_encoder_targets_never_reach_the_heads_layers_of_the_same_name(tmp_path)
                 param.normal_(0, 0.1)
     save_adapter(adapted, tmp_path / "adapter", base=str(base_dir),
                  base_fingerprint=fingerprint(build_model(str(base_dir))), config={})
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {k.split(".lora_")[0].removeprefix("base_model.model.") for k in saved if ".lora_" in k} == (
+        patch | {f"segformer.stages.{i}.blocks.{j}.attention.q_proj" for i in range(4) for j in range(2)})
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         expected = adapted.eval()(pixel_values=x).logits
