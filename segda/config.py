@@ -237,7 +237,7 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"])
     """Encoder layers that get LoRA (transformers 5 names: q_proj, k_proj, v_proj, o_proj, fc1, fc2; and
-    patch_embeddings.proj, the convolution that starts each stage, where a frame's colours enter)."""
+    patch_embeddings.proj, the convolution that starts each stage; stage 0's sees the frame's colours)."""
     head: str = "classifier+norm"
     """What trains in the decode head: none | classifier | classifier+norm | lora | full."""
 
