@@ -218,6 +218,26 @@ def test_resume_refuses_another_model_naming_the_key(tmp_path, key, value):
         check_base({"base_fingerprint": "abc"}, "def", tmp_path)
 
 
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_named(tmp_path):
+    """The config's architecture keys match, but the code that wrote the checkpoint built other layers (e.g. LoRA
+    targets that reached the head before they were anchored in the encoder): a named error, not a torch traceback."""
+    import torch
+
+    from segda.log import SegdaError
+    from segda.train.checkpointer import _write_tensor_part, load_tensor_part
+    from segda.train.setup import _Module
+
+    written = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    _write_tensor_part(tmp_path, "model", written.state_dict())
+    same = _Module(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    load_tensor_part(same, tmp_path, "model")
+    assert torch.equal(same.module[1].weight, written[1].weight)
+    for other in (torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Sequential(torch.nn.Linear(4, 4),
+                                                                                   torch.nn.Linear(4, 3))):
+        with pytest.raises(SegdaError, match=rf"checkpoint {tmp_path}: its model tensors do not fit .* new run folder"):
+            load_tensor_part(_Module(other), tmp_path, "model")
+
+
 def test_sliding_windows_must_cover_every_pixel_and_be_big_enough_for_segformer():
     from segda.evaluate import InferenceOptions
     from segda.log import SegdaError

@@ -86,7 +86,7 @@ class Checkpointer:
             if name in self.backend.owns:
                 continue
             if name in TENSOR_PARTS:
-                part.load_state_dict(_read_tensor_part(path, name))
+                load_tensor_part(part, path, name)
             elif name in state:
                 part.load_state_dict(state[name])
 
@@ -141,6 +141,21 @@ def _write_tensor_part(folder: Path, name: str, state: dict) -> None:
         save_file(tensors, str(folder / f"{name}.safetensors"))
     if rest:
         (folder / f"{name}.json").write_text(json.dumps(rest))
+
+
+def load_tensor_part(part: Stateful, path: Path, name: str) -> None:
+    """Restore `part` from checkpoint `path`'s NAME files. Tensors that do not fit the part (a checkpoint written by
+    another model's code: the config's architecture keys were checked before, `segda.resume`) are named, not a torch
+    traceback."""
+    try:
+        part.load_state_dict(_read_tensor_part(path, name))
+    except RuntimeError as err:
+        if "state_dict" not in str(err):
+            raise
+        detail = " ".join(str(err).split())
+        raise SegdaError(f"checkpoint {path}: its {name} tensors do not fit the {name} this run builds "
+                         f"({detail[:300]}); it was written by other code or another model: resume it with the segda "
+                         f"version that wrote it, or start a new run folder (--out)") from None
 
 
 def _read_tensor_part(path: Path, name: str) -> dict:
