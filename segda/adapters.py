@@ -36,9 +36,9 @@ _HEAD_SAVED = {
     "full": ["decode_head"],
 }
 _HEAD_LORA = r"decode_head\.(linear_fuse|classifier|linear_projections\.\d+\.proj)"
-
-
-_SEGFORMER_NAMES = "transformers 5 SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2, patch_embeddings.proj"
+_SEGFORMER_NAMES = ("transformers 5 SegFormer names are q_proj, k_proj, v_proj, o_proj, fc1, fc2, "
+                    "patch_embeddings.proj")
+"""What an error about lora.target_modules lists: the layers a target can name."""
 
 
 def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
