@@ -19,6 +19,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation
 from segda import atomic
 from segda.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
 from segda.data.transforms import MEAN, STD
+from segda.decode_head import fuse_decode_head
 from safetensors import SafetensorError
 
 from segda.log import SegdaError
@@ -41,7 +42,7 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
     if not name_or_path:
         try:
             config = SegformerConfig(**{**(config_overrides or {}), **_label_maps()})
-            return SegformerForSemanticSegmentation(config)
+            return _fused(SegformerForSemanticSegmentation(config))
         except (TypeError, ValueError, IndexError, RuntimeError, ZeroDivisionError, AttributeError) as err:
             raise SegdaError(f"model.config {config_overrides} does not make a SegFormer ({type(err).__name__}: "
                              f"{err}): its lists (hidden_sizes, depths, ...) need one entry per stage (4) and positive "
@@ -56,14 +57,19 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
             what = f"a {found.num_labels}-class decode head" if has_head else "no decode head (an encoder only)"
             raise SegdaError(f"model {name_or_path} has {what}, not the 19 Cityscapes classes: evaluate and adapt "
                              "need a model trained by `segda pretrain` (RUN_DIR/model)")
-        return SegformerForSemanticSegmentation.from_pretrained(
-            name_or_path, use_safetensors=True, ignore_mismatched_sizes=new_head_ok, **_label_maps())
+        return _fused(SegformerForSemanticSegmentation.from_pretrained(
+            name_or_path, use_safetensors=True, ignore_mismatched_sizes=new_head_ok, **_label_maps()))
     except OSError as err:
         raise SegdaError(f"cannot load model {name_or_path!r}: {err}. Hub ids need network access and a "
                          "model.safetensors file; offline, download the folder and point at it") from err
     except SafetensorError as err:
         raise SegdaError(f"{name_or_path}: its .safetensors weights are corrupt or truncated ({err}); copy the "
                          "folder again or re-run the stage that wrote it") from err
+
+
+def _fused(model: SegformerForSemanticSegmentation) -> SegformerForSemanticSegmentation:
+    fuse_decode_head(model)  # the same weights and outputs, about half the step (segda.decode_head)
+    return model
 
 
 def save_model(model, out_dir: str | Path) -> Path:

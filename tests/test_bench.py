@@ -20,6 +20,8 @@ def test_bench_loader_train_and_shards_report_ratios(gta5_manifest, tmp_path):
     assert re.search(r"creators speed.*: [\d.]+x", proc.stdout), proc.stdout
     proc = segda_here("bench", "train", "--crop", 32, "--batch", 1, "--steps", 1, "--repeats", 1)
     assert re.search(r"train step speed-up .*: \d+\.\dx", proc.stdout), proc.stdout
+    proc = segda_here("bench", "head", "--crop", 64, "--batch", 1, "--steps", 1, "--repeats", 1, "--config", "b0")
+    assert re.search(r"forward\+backward, fused head vs transformers' speed-up .*: \d+\.\dx", proc.stdout), proc.stdout
     frames = sorted(raw.glob("images/*.png"))[:2]
     proc = segda_here("bench", "codec", *frames, "--repeats", 2)
     assert re.search(r"bytes: PXZ / PNG = [\d.]+x", proc.stdout) and "decode speed" in proc.stdout, proc.stdout

@@ -29,6 +29,14 @@ def add_parser(sub, _size, _int_in) -> None:
                        help="torch.compile's mode for --compile (reduce-overhead: CUDA graphs)")
     train.add_argument("--json", default=None, help="also write the figures to this JSON file")
     train.add_argument("--channels-last", action="store_true", help="channels-last model and inputs")
+    head = kinds.add_parser("head", help="SegFormer with segda's fused decode head vs transformers' own head")
+    head.add_argument("--crop", type=_size, default=(96, 96), help="WIDTHxHEIGHT (default 96)")
+    head.add_argument("--batch", type=int, default=8)
+    head.add_argument("--config", choices=["demo", "b0"], default="demo",
+                      help="demo: segda demo's half-width MiT-b0 (default); b0: MiT-b0")
+    head.add_argument("--steps", type=int, default=5, help="timed passes per run")
+    head.add_argument("--repeats", type=int, default=3)
+    head.add_argument("--device", default=None)
     adapters = kinds.add_parser("adapters", help="evaluating adapters of one base: shared base vs reloading it")
     adapters.add_argument("adapters", nargs="+", help="adapter folders of the same base")
     adapters.add_argument("--data", required=True, help="a manifest to evaluate on")
@@ -100,6 +108,10 @@ def _run(args) -> int:
 
             Path(args.json).write_text(json.dumps({"crop": list(args.crop), "batch": args.batch, **result}, indent=2,
                                                   default=float) + "\n")
+    elif args.kind == "head":
+        from segda.bench.head import bench_head
+
+        bench_head(args.crop, args.batch, args.steps, args.repeats, args.config, args.device)
     elif args.kind == "loop":
         from segda.bench.loop import bench_loop
 

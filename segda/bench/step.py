@@ -71,6 +71,7 @@ def bench_train(crop=(256, 256), batch: int = 4, steps: int = 3, repeats: int = 
     """segda's step (uint8 batch normalised on the device, bf16 autocast, fused AdamW with the on-device
     non-finite guard, ignore-aware loss) against a plain transformers loop (fp32 eager, float batch, the model's
     own loss). `compile` adds segda's step under torch.compile, measured in the same rounds."""
+    from segda.decode_head import transformers_decode_head
     from segda.model import build_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -79,6 +80,7 @@ def bench_train(crop=(256, 256), batch: int = 4, steps: int = 3, repeats: int = 
     images = torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8)
     labels = torch.randint(0, 19, (batch, height, width), dtype=torch.uint8)
     plain_model = build_model("", model_config or {}).to(device)
+    transformers_decode_head(plain_model)  # the plain loop a user would write: transformers' own head
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=6e-5)
     float_images = ((images.permute(0, 3, 1, 2).float() / 255) - 0.45) / 0.226
 

@@ -1,0 +1,66 @@
+"""`segda bench head`: SegFormer with segda's fused decode head against transformers' own, the same weights.
+
+    segda bench head --crop 96x96 --batch 8 --config demo     # segda demo's model, as its stages train it
+    segda bench head --crop 512x512 --batch 8 --config b0     # MiT-b0 at the real recipe's crop
+
+Forward and backward in train mode (a training step's compute, without the optimizer) and the forward alone in
+eval mode (inference), alternated for `--repeats` rounds on one random batch; also the largest difference of
+their logits (float rounding: `segda.decode_head` changes the order of the sums, not the map).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from segda.bench import report
+from segda.log import info
+
+CONFIGS = {"demo": {"hidden_sizes": [16, 32, 80, 128], "decoder_hidden_size": 128}, "b0": {}}
+"""`demo`: segda demo's half-width MiT-b0 (segda.demo.DemoSize.model_config); `b0`: MiT-b0."""
+
+
+def _rate(model, images: torch.Tensor, steps: int, train: bool, device: torch.device) -> float:
+    model.train(train)
+    with torch.set_grad_enabled(train):
+        def once():
+            logits = model(pixel_values=images).logits
+            if train:
+                logits.float().square().mean().backward()
+        once()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return steps * len(images) / (time.perf_counter() - start)
+
+
+def bench_head(crop=(96, 96), batch: int = 8, steps: int = 5, repeats: int = 3, config: str = "demo",
+               device: str | None = None) -> dict:
+    from segda.decode_head import transformers_decode_head
+    from segda.model import build_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    fused = build_model("", CONFIGS[config]).to(device)
+    plain = copy.deepcopy(fused)
+    transformers_decode_head(plain)
+    width, height = crop
+    images = torch.randn(batch, 3, height, width, device=device)
+    with torch.no_grad():
+        difference = (fused.eval()(pixel_values=images).logits - plain.eval()(pixel_values=images).logits).abs().max()
+    info(f"decode head: SegFormer {config} ({CONFIGS[config] or 'MiT-b0'}), batch {batch}, {width}x{height}, "
+         f"{device}, {torch.get_num_threads()} thread(s); largest logit difference {float(difference):.2e}")
+    result = {"config": config, "crop": [width, height], "batch": batch, "max_logit_difference": float(difference)}
+    for train, name in ((True, "forward+backward"), (False, "forward (eval)")):
+        ours, base = [], []
+        for _ in range(repeats):
+            ours.append(_rate(fused, images, steps, train, device))
+            base.append(_rate(plain, images, steps, train, device))
+        result[name] = report(f"{name}, fused head vs transformers'", ours, base, "img/s")
+    return result
