@@ -37,6 +37,7 @@ def add_parser(sub, _size, _int_in) -> None:
     head.add_argument("--steps", type=int, default=5, help="timed passes per run")
     head.add_argument("--repeats", type=int, default=3)
     head.add_argument("--device", default=None)
+    head.add_argument("--json", default=None, help="also write the figures to this JSON file")
     adapters = kinds.add_parser("adapters", help="evaluating adapters of one base: shared base vs reloading it")
     adapters.add_argument("adapters", nargs="+", help="adapter folders of the same base")
     adapters.add_argument("--data", required=True, help="a manifest to evaluate on")
@@ -111,7 +112,12 @@ def _run(args) -> int:
     elif args.kind == "head":
         from segda.bench.head import bench_head
 
-        bench_head(args.crop, args.batch, args.steps, args.repeats, args.config, args.device)
+        result = bench_head(args.crop, args.batch, args.steps, args.repeats, args.config, args.device)
+        if args.json:
+            import json
+            from pathlib import Path
+
+            Path(args.json).write_text(json.dumps(result, indent=2, default=float) + "\n")
     elif args.kind == "loop":
         from segda.bench.loop import bench_loop
 
