@@ -176,7 +176,7 @@ def test_the_domain_gap_is_adjustable_from_the_game_look_to_the_full_shift(tmp_p
                                                                           ("traffic", "persons", "focal")])
     for name, colours in scene._GTA5_COLOURS.items():  # duller and darker: the camera's part
         brightness = looks.MATERIAL_SHIFTS[name][1]
-        for game, camera in zip(colours, full.colours[name]):
+        for game, camera in zip(colours, full.colours[name][-len(colours):]):  # the full level
             chroma = [np.linalg.norm(np.subtract(c, np.mean(c))) for c in (game, camera)]  # turns keep it
             dull = (1 - looks.DESATURATION) * (1 - looks.DARKENING)
             assert chroma[1] <= dull * brightness * chroma[0] + 2, name
@@ -186,7 +186,7 @@ def test_the_domain_gap_is_adjustable_from_the_game_look_to_the_full_shift(tmp_p
     with pytest.raises(ValueError, match="gap"):
         looks.target_style(1.5)
     # the frames themselves: the sky's colour moves away from GTA5's as the gap grows
-    gta, city = scene._GTA5_COLOURS["sky"][0], full.colours["sky"][0]
+    gta, city = scene._GTA5_COLOURS["sky"][0], full.colours["sky"][-len(scene._GTA5_COLOURS["sky"])]
     skies = []
     for gap in (0.0, 0.5, 1.0):
         root = tmp_path / str(gap)
@@ -214,8 +214,8 @@ def test_the_target_look_changes_each_material_in_its_own_way_so_no_global_colou
     def colours(gap):
         style = looks.target_style(gap)
         game = [c for name in sorted(scene._GTA5_COLOURS) for c in scene._GTA5_COLOURS[name]]
-        # each list holds the shifted colours twice, then the source-like ones: the shifted ones are compared
-        city = [c for name in sorted(scene._GTA5_COLOURS) for c in style.colours[name][:len(scene._GTA5_COLOURS[name])]]
+        # each list holds the game's colours at every shift level, the full shift last: that one is compared
+        city = [c for name in sorted(scene._GTA5_COLOURS) for c in style.colours[name][-len(scene._GTA5_COLOURS[name]):]]
         return np.asarray(game, float), np.asarray(city, float)
 
     assert _left_by_the_best_global_map(*colours(1.0)) > 0.4
@@ -224,7 +224,7 @@ def test_the_target_look_changes_each_material_in_its_own_way_so_no_global_colou
     # the game and the city is that turn (the camera scales chroma and brightness, never its direction)
     full = looks.target_style(1.0)
     for name, game_colours in scene._GTA5_COLOURS.items():
-        for game, city in zip(game_colours, full.colours[name]):
+        for game, city in zip(game_colours, full.colours[name][-len(game_colours):]):
             a, b = (np.subtract(c, np.mean(c)) for c in (game, city))
             if min(np.linalg.norm(a), np.linalg.norm(b)) < 20:
                 continue  # greys have no hue to turn
@@ -235,13 +235,15 @@ def test_the_target_look_changes_each_material_in_its_own_way_so_no_global_colou
     monkeypatch.setattr(looks, "MATERIAL_SHIFTS", {name: (0.0, 1.0) for name in looks.MATERIAL_SHIFTS})
     assert _left_by_the_best_global_map(*colours(1.0)) < 0.05, "the camera alone: one global map undoes it"
     monkeypatch.undo()
-    for name, game in scene._GTA5_COLOURS.items():  # a third of the instances keep the game's colour (camera only)
+    for name, game in scene._GTA5_COLOURS.items():  # every colour at every level, the first the game's (camera only)
         city = looks.target_style(1.0).colours[name]
-        assert city == city[:len(game)] * 2 + [looks._camera_colour(c, 1.0) for c in game], name
-    # every material stays itself in the city: no two of the main classes take the same colour
-    city = looks.target_style(1.0).colours
+        assert city == [looks._city_colour(name, c, 1.0, level) for level in looks.SHIFT_LEVELS for c in game], name
+        assert city[:len(game)] == [looks._camera_colour(c, 1.0) for c in game], name
+    assert looks.SHIFT_LEVELS[0] == 0 and looks.SHIFT_LEVELS[-1] == 1
+    # every material stays itself in the city: no two of the main classes take the same fully shifted colour
+    city = {name: colours[-len(scene._GTA5_COLOURS[name])] for name, colours in looks.target_style(1.0).colours.items()}
     main = ["road", "sidewalk", "building", "veg", "terrain", "sky", "car", "pole"]
-    gaps = [np.linalg.norm(np.subtract(city[a][0], city[b][0])) for i, a in enumerate(main) for b in main[i + 1:]]
+    gaps = [np.linalg.norm(np.subtract(city[a], city[b])) for i, a in enumerate(main) for b in main[i + 1:]]
     assert min(gaps) > 20, min(gaps)
 
 

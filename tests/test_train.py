@@ -76,7 +76,7 @@ def test_adapter_holds_exactly_the_lora_and_head_tensors(adapted, pretrained):
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "segda.json"]
     saved = load_file(str(folder / "adapter_model.safetensors"))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "patch_embeddings.proj"]  # as shipped
     assert set(saved) == expected_adapter_keys(pretrained / "model", targets)
     assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if "lora_B" in k), "LoRA B must have trained"
     meta = json.loads((folder / "segda.json").read_text())
@@ -138,6 +138,7 @@ def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, 
     from segda.adapters import load_adapted
     from segda.config import DataConfig
     from segda.data.datasets import resolve_dataset
+    from segda.decode_head import fuse_decode_head, transformers_decode_head
     from segda.evaluate import evaluate_model
 
     base = SegformerForSemanticSegmentation.from_pretrained(pretrained / "model", use_safetensors=True)
@@ -145,7 +146,12 @@ def test_plain_peft_reload_equals_segda_loader_and_reproduces_training(adapted, 
     ours = load_adapted(adapted / "adapter").eval()
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
+        # segda's fused decode head sums in another order (segda.decode_head): close to transformers' logits, and
+        # equal to them bit for bit once it runs transformers' forward, which shows the weights are the same
+        torch.testing.assert_close(ours(pixel_values=x).logits, plain(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+        transformers_decode_head(ours)
         assert torch.equal(plain(pixel_values=x).logits, ours(pixel_values=x).logits)
+        fuse_decode_head(ours)  # as every segda command runs it, the in-run evaluation too
     # The adapter reproduces the trained model: the in-run final evaluation equals a fresh one from the files.
     run = json.loads((adapted / "run.json").read_text())
     data_cfg = DataConfig(workers=0, eval_size="160x88")

@@ -9,8 +9,9 @@ The target look has three parts, each scaled by `gap`:
   changes its own brightness (`MATERIAL_SHIFTS`): asphalt, foliage, facades, sky and car paint each change
   hue by a different amount and in its own direction. No map applied to a whole frame undoes
   this (`tests/test_synth.py` fits the best affine colour map and checks what is left); a model learns it only
-  from target frames, which is what self-training's pseudo-labels give it. A third of each material's instances
-  keep the game's colour (`SOURCE_LIKE_SHARE`), so the source model is partly right on every class.
+  from target frames, which is what self-training's pseudo-labels give it. Each instance carries one of six
+  levels of its material's shift, from none to all of it (`SHIFT_LEVELS`), so the source model is right on part
+  of every class.
 - **The surfaces** (class by class, target only): the game draws its ground and walls flat; the city has cobbled
   roads, slabbed sidewalks, rough grass, brick courses and dappled foliage (`segda.shards.surfaces`). The ground's are
   laid in metres, so they fade with distance: the far road is untextured, the near one cobbled. No colour
@@ -31,14 +32,17 @@ DEFAULT_GAP = 0.75
 materials and surfaces, module docstring). Measured by `segda demo --oracle` (README, "The synthetic gap")."""
 DESATURATION, DARKENING = 0.35, 0.15
 """The camera at gap 1 (mild): every colour keeps 65% of its saturation and 85% of its brightness."""
-HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (35.0, 70.0), 0.35
-"""The materials at gap 1: each turns by 35-70 degrees around the grey axis, clockwise or not, and changes its
-brightness by up to 35% either way. With 60-120 degrees (and a first version of the surfaces) the source teacher
-labelled half the target's pixels wrong (pixel accuracy 47.5%) and its pseudo-labels added 0.2-0.8 mIoU (seed 0,
-README "The synthetic gap"); a teacher must be mostly right for its labels to teach."""
-SOURCE_LIKE_SHARE = 1 / 3
-"""The share of each material's instances (a car, a facade, a frame's road) that keeps the game's colour under the
-camera: the source model is right on those, so the teacher is right but unsure on the class rather than wrong."""
+HUE_TURN_DEGREES, BRIGHTNESS_CHANGE = (90.0, 180.0), 0.35
+"""The materials at gap 1: each turns by 90-180 degrees around the grey axis (67-135 at the demo's gap 0.75),
+clockwise or not, and changes its brightness by up to 35% either way, on the instances at the full level
+(`SHIFT_LEVELS`). With 60-120 degrees on two thirds of the instances and none on the rest (and a first version of
+the surfaces) the source teacher labelled half the target's pixels wrong (pixel accuracy 47.5%) and its
+pseudo-labels added 0.2-0.8 mIoU (seed 0, README "The synthetic gap"): a teacher must be right on part of every
+class for its labels to teach, which the levels between none and the full turn give it."""
+SHIFT_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+"""Each material instance (a car, a facade, a frame's road) carries one of these shares of its material's turn and
+brightness change, drawn evenly: the near levels keep the source model right on part of every class, so the
+teacher is right but unsure on the class rather than wrong, and the far ones only target frames teach."""
 
 
 def _material_shifts() -> dict[str, tuple[float, float]]:
@@ -63,10 +67,12 @@ def _turn(colour: np.ndarray, degrees: float) -> np.ndarray:
     return colour * np.cos(t) + np.cross(k, colour) * np.sin(t) + k * (k @ colour) * (1 - np.cos(t))
 
 
-def _city_colour(material: str, colour: tuple, gap: float) -> tuple:
-    """The material as the city has it (its own turn and brightness), then as the camera renders it."""
+def _city_colour(material: str, colour: tuple, gap: float, level: float = 1.0) -> tuple:
+    """The material as the city has it (`level` of its own turn and brightness change), then as the camera renders
+    it."""
     turn, brightness = MATERIAL_SHIFTS[material]
-    return _camera_colour(_turn(np.asarray(colour, np.float64), turn * gap) * (1 + (brightness - 1) * gap), gap)
+    shift = gap * level
+    return _camera_colour(_turn(np.asarray(colour, np.float64), turn * shift) * (1 + (brightness - 1) * shift), gap)
 
 
 def _camera_colour(colour, gap: float) -> tuple:
@@ -91,8 +97,8 @@ def target_style(gap: float) -> _Style:
         raise ValueError(f"gap must be between 0 and 1, got {gap}")
     if gap == 0.0:
         return _GTA5
-    # Each instance draws one colour of its material's list: two shifted entries for each source-like one.
-    colours = {k: [_city_colour(k, c, gap) for c in v] * 2 + [_camera_colour(c, gap) for c in v]
+    # Each instance draws one colour of its material's list: every game colour at every shift level.
+    colours = {k: [_city_colour(k, c, gap, level) for level in SHIFT_LEVELS for c in v]
                for k, v in _GTA5_COLOURS.items()}
     rest = [_between(getattr(_GTA5, f), getattr(_CITY, f), gap) for f in list(_Style.__dataclass_fields__)[1:]]
     # the surfaces are synthetic Cityscapes' own: the other camera-styled sets (ACDC, folder) draw _CITY flat
