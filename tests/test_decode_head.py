@@ -72,6 +72,24 @@ def test_models_keep_transformers_names_and_load_both_ways(tmp_path):
     assert type(again.decode_head) is FusedDecodeHead
 
 
+def test_a_partitioned_or_empty_weight_runs_transformers_forward():
+    """DeepSpeed ZeRO-3 marks a partitioned parameter with `ds_id` and leaves an empty tensor in its place outside its
+    layer's own forward: a folded head would read a weight it does not have."""
+    fused, plain = _pair(SMALL)
+    images = torch.randn(2, 3, 64, 64)
+    head = fused.decode_head
+    for layer in (head.linear_fuse, head.linear_projections[2].proj):
+        layer.weight.ds_id = 7
+        assert not head._foldable()
+        with torch.no_grad():  # transformers' forward itself: equal bit for bit
+            assert torch.equal(fused.eval()(pixel_values=images).logits, plain.eval()(pixel_values=images).logits)
+        del layer.weight.ds_id
+        assert head._foldable()
+    empty = copy.deepcopy(head)
+    empty.linear_projections[0].proj.weight = torch.nn.Parameter(torch.empty(0))
+    assert not empty._foldable()
+
+
 def _randomise_lora(model) -> None:
     """LoRA's B starts at zero, which would hide a head that skipped its LoRA layers."""
     with torch.no_grad():

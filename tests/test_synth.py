@@ -222,14 +222,18 @@ def test_the_target_look_changes_each_material_in_its_own_way_so_no_global_colou
     assert _left_by_the_best_global_map(*colours(looks.DEFAULT_GAP)) > 0.4
     # each material's hue turns by its own angle: the angle between its chroma vectors (colour minus its grey) in
     # the game and the city is that turn (the camera scales chroma and brightness, never its direction)
+    # at every level: level 0.4 turns it by 0.4 of the full turn (six even levels, none to all of it)
+    assert np.allclose(looks.SHIFT_LEVELS, np.linspace(0, 1, 6))
     full = looks.target_style(1.0)
     for name, game_colours in scene._GTA5_COLOURS.items():
-        for game, city in zip(game_colours, full.colours[name][-len(game_colours):]):
-            a, b = (np.subtract(c, np.mean(c)) for c in (game, city))
-            if min(np.linalg.norm(a), np.linalg.norm(b)) < 20:
-                continue  # greys have no hue to turn
-            angle = np.degrees(np.arccos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1, 1)))
-            assert abs(angle - abs(looks.MATERIAL_SHIFTS[name][0])) < 4, (name, angle)
+        n = len(game_colours)
+        for k, level in enumerate(looks.SHIFT_LEVELS):
+            for game, city in zip(game_colours, full.colours[name][k * n:(k + 1) * n]):
+                a, b = (np.subtract(c, np.mean(c)) for c in (game, city))
+                if min(np.linalg.norm(a), np.linalg.norm(b)) < 20:
+                    continue  # greys have no hue to turn
+                angle = np.degrees(np.arccos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1, 1)))
+                assert abs(angle - level * abs(looks.MATERIAL_SHIFTS[name][0])) < 4, (name, level, angle)
     turns = [turn for turn, _ in looks.MATERIAL_SHIFTS.values()]
     assert min(map(abs, turns)) >= looks.HUE_TURN_DEGREES[0] and abs(np.mean(turns)) < 10, "each material turns; the frame's mean barely"
     monkeypatch.setattr(looks, "MATERIAL_SHIFTS", {name: (0.0, 1.0) for name in looks.MATERIAL_SHIFTS})
