@@ -7,7 +7,7 @@
 #    segda did before it shared the cores out);
 # 2. the isolated step (`segda bench train`, bf16) at batch 8, 16, 32 and 64; then compiled at batch 8, with the
 #    default mode and with CUDA graphs (reduce-overhead);
-# 3. the fused decode head against transformers' own (`segda bench head`) at batch 8.
+# 3. the fused decode head against transformers' own (`segda bench head`) at batch 8, bf16 autocast.
 # Figures land in OUT_DIR (default bench-gpu/) as JSON files and log.txt. Sizes can be changed for a dry run on
 # a CPU: CROP=64 BATCHES="2" WORKERS=1 FRAMES=8 SIZE=160x88 STEPS=3 WARMUP=2 MODEL=tiny bash launch/bench/gpu.sh
 set -euo pipefail
@@ -33,5 +33,5 @@ log python -m segda bench train --crop "$CROP" --batch 8 --steps 20 --repeats 2 
 log python -m segda bench train --crop "$CROP" --batch 8 --steps 20 --repeats 2 --compile --compile-mode reduce-overhead \
   --json "$out/step-b8-cudagraphs.json"
 head_config=$([ "$MODEL" = b0 ] && echo b0 || echo demo)  # bench head knows MiT-b0 and the demo's half width
-log python -m segda bench head --config "$head_config" --crop "$CROP" --batch 8 --steps 20 --repeats 3 \
+log python -m segda bench head --config "$head_config" --crop "$CROP" --batch 8 --steps 20 --repeats 3 --bf16 \
   --json "$out/head-b8.json"

@@ -38,6 +38,7 @@ def add_parser(sub, _size, _int_in) -> None:
     head.add_argument("--repeats", type=int, default=3)
     head.add_argument("--device", default=None)
     head.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    head.add_argument("--bf16", action="store_true", help="under bf16 autocast, as segda trains on a GPU")
     adapters = kinds.add_parser("adapters", help="evaluating adapters of one base: shared base vs reloading it")
     adapters.add_argument("adapters", nargs="+", help="adapter folders of the same base")
     adapters.add_argument("--data", required=True, help="a manifest to evaluate on")
@@ -112,7 +113,7 @@ def _run(args) -> int:
     elif args.kind == "head":
         from segda.bench.head import bench_head
 
-        result = bench_head(args.crop, args.batch, args.steps, args.repeats, args.config, args.device)
+        result = bench_head(args.crop, args.batch, args.steps, args.repeats, args.config, args.device, args.bf16)
         if args.json:
             import json
             from pathlib import Path
