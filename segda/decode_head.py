@@ -1,4 +1,4 @@
-"""SegFormer's decode head without its widest tensor: the same weights, the same outputs, about half the step.
+"""SegFormer's decode head without its widest tensor: the same weights and outputs, a faster step.
 
 transformers' head projects each of the 4 encoder stages to D channels, upsamples all four to the first stage's
 resolution (1/4 of the frame), concatenates them (4D channels) and mixes them with `linear_fuse`, a 1x1
@@ -8,8 +8,9 @@ bilinear upsampling is a per-channel weighted mean (its weights sum to 1), so th
 resolution; the upsampled D-channel maps are summed. The 4D-channel concat at 1/4 resolution, the convolution over
 it, and stage 0's upsampling to its own size (an identity that still cost a pass forward and back) are gone.
 
-The half-width MiT-b0 of `segda demo` (decoder 128) at 96x96, batch 8, one thread: forward and backward 1.8x
-faster (`segda bench head`); the outputs agree to float rounding (`tests/test_decode_head.py`). State-dict names
+The half-width MiT-b0 of `segda demo` (decoder 128) at 96x96, batch 8, one thread: forward and backward 1.7x
+faster (`segda bench head`; MiT-b0 at 512x512: 1.9x), the demo's pretraining 1.5x and its self-training 1.37x
+(README, "Benchmarks"); the outputs agree to float rounding (`tests/test_decode_head.py`). State-dict names
 and checkpoints are transformers' own: a model saved by segda loads in transformers unchanged, and back.
 
 A head whose layers are not plain torch layers with their whole weights (LoRA on them with `lora.head: lora`,

@@ -68,7 +68,7 @@ def build_model(name_or_path: str, config_overrides: dict | None = None, *,
 
 
 def _fused(model: SegformerForSemanticSegmentation) -> SegformerForSemanticSegmentation:
-    fuse_decode_head(model)  # the same weights and outputs, about half the step (segda.decode_head)
+    fuse_decode_head(model)  # the same weights and outputs, a faster step (segda.decode_head)
     return model
 
 
