@@ -4,8 +4,9 @@
     segda bench head --crop 512x512 --batch 8 --config b0 --bf16   # MiT-b0 at the real recipe's crop, bf16 autocast
 
 Forward and backward in train mode (a training step's compute, without the optimizer) and the forward alone in
-eval mode (inference), in fp32 or under bf16 autocast (`--bf16`, as segda trains on a GPU), alternated for `--repeats` rounds on one random batch; also the largest difference of
-their logits (float rounding: `segda.decode_head` changes the order of the sums, not the map).
+eval mode (inference), in fp32 or under bf16 autocast (`--bf16`, as segda trains on a GPU), alternated for
+`--repeats` rounds on one random batch; also the largest difference of their logits (float rounding:
+`segda.decode_head` changes the order of the sums, not the map).
 """
 
 from __future__ import annotations
