@@ -16,11 +16,15 @@ import time
 
 import torch
 
+import yaml
+
 from segda.bench import report
+from segda.bench.step import _sync
+from segda.demo import DemoSize
 from segda.log import info
 
-CONFIGS = {"demo": {"hidden_sizes": [16, 32, 80, 128], "decoder_hidden_size": 128}, "b0": {}}
-"""`demo`: segda demo's half-width MiT-b0 (segda.demo.DemoSize.model_config); `b0`: MiT-b0."""
+CONFIGS = {"demo": yaml.safe_load(DemoSize.model_config), "b0": {}}
+"""`demo`: segda demo's half-width MiT-b0 (its DemoSize.model_config); `b0`: MiT-b0."""
 
 
 def _rate(model, images: torch.Tensor, steps: int, train: bool, device: torch.device, bf16: bool) -> float:
@@ -32,13 +36,11 @@ def _rate(model, images: torch.Tensor, steps: int, train: bool, device: torch.de
             if train:
                 logits.float().square().mean().backward()
         once()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
             once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
     return steps * len(images) / (time.perf_counter() - start)
 
 
